@@ -1,0 +1,3 @@
+from child.cli import main
+
+main()

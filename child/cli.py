@@ -1,0 +1,96 @@
+"""`modelyard-child`: serve one GGUF model, alone or under the router.
+
+Order of events: bind the socket (port 0 picks a free one), start HTTP (/health answers 503 while
+loading), load the model off the event loop, then announce `ready` with the port actually bound,
+so the router never races another process for a port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+import uvicorn
+
+from child.arguments import CHILD_ARGS, build_parser
+from child.router_link import RouterLink
+from child.runtime import ChildRuntime, ServeSettings
+from child.server import create_app
+
+log = logging.getLogger("child")
+
+EXIT_LOAD_FAILED = 1
+GRACEFUL_SHUTDOWN_S = 5.0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(runtime: ChildRuntime, sock: socket.socket) -> int:
+    config = uvicorn.Config(create_app(runtime), log_config=None, access_log=False,
+                            timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S), lifespan="off")
+    server = uvicorn.Server(config)
+    loop = asyncio.get_running_loop()
+    loading = True
+
+    def begin_exit() -> None:
+        if loading:
+            # Nothing to finish yet; the model load cannot be interrupted from Python.
+            os._exit(0)
+        # Fail in-flight generations first so their streams end, then let uvicorn drain.
+        runtime.shutdown()
+        server.should_exit = True
+
+    runtime.link.watch_stdin(lambda: loop.call_soon_threadsafe(begin_exit))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await loop.run_in_executor(None, runtime.load)
+    except Exception as exc:  # noqa: BLE001 - any load failure ends the process with a clear log
+        log.error("failed to load the model: %s", exc)
+        server.should_exit = True
+        await serving
+        return EXIT_LOAD_FAILED
+    loading = False
+    runtime.mark_ready(sock.getsockname()[1])
+    log.info("serving %s on http://%s:%d", runtime.settings.alias, *sock.getsockname()[:2])
+    await serving
+    runtime.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    link = RouterLink.from_environment()
+    if not args.model:
+        log.error("no model: pass -m PATH")
+        sys.exit(2)
+    for spec in CHILD_ARGS:
+        value = getattr(args, spec.dest)
+        if not spec.effective and value not in (None, False):
+            log.warning("--%s has no effect on this engine; ignored", spec.long)
+    try:
+        settings = ServeSettings.from_args(args)
+        sock = _bind(args.host, args.port)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    runtime = ChildRuntime(settings, link)
+    code = asyncio.run(_serve(runtime, sock))
+    logging.shutdown()
+    # The scheduler thread may sit inside libllama; don't wait for interpreter teardown.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The inference engine: libllama through llama-cpp-python's low-level bindings."""

@@ -1,0 +1,82 @@
+"""What flows between the HTTP side and the scheduler thread: a request and its events."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from child.engine.sampling import SamplingParams
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The prompt was tokenized and fits; generation will follow."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    prompt_ms: float
+    predicted_ms: float
+
+    def timings(self) -> dict[str, float | int]:
+        """llama-server's `timings` object."""
+        prompt_n = self.prompt_tokens - self.cached_tokens
+        return {
+            "cache_n": self.cached_tokens,
+            "prompt_n": prompt_n,
+            "prompt_ms": round(self.prompt_ms, 3),
+            "prompt_per_token_ms": round(self.prompt_ms / prompt_n, 3) if prompt_n else 0.0,
+            "prompt_per_second": round(prompt_n * 1000.0 / self.prompt_ms, 3) if self.prompt_ms else 0.0,
+            "predicted_n": self.completion_tokens,
+            "predicted_ms": round(self.predicted_ms, 3),
+            "predicted_per_token_ms": (
+                round(self.predicted_ms / self.completion_tokens, 3) if self.completion_tokens else 0.0),
+            "predicted_per_second": (
+                round(self.completion_tokens * 1000.0 / self.predicted_ms, 3) if self.predicted_ms else 0.0),
+        }
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+    status: int  # the HTTP status the error maps to (400 for a bad prompt, 500 otherwise)
+    error_type: str = "server_error"
+
+
+EngineEvent = Accepted | Delta | Done | Failed
+
+
+@dataclass
+class GenerationRequest:
+    """A completion to run. `sink` is called from the scheduler thread and must be thread-safe."""
+
+    prompt: str | list[int]
+    sampling: SamplingParams
+    max_tokens: int  # -1 = until the slot's context is full
+    stop: list[str]
+    sink: Callable[[EngineEvent], None]
+    ignore_eos: bool = False
+    cache_prompt: bool = True
+    add_special: bool = True  # add BOS as the model asks; False when a chat template already did
+    id: int = field(default_factory=lambda: next(_ids))
+    created: float = field(default_factory=time.time)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()

@@ -1,0 +1,395 @@
+"""The continuous-batching decode loop.
+
+One thread owns the llama_context. Each step puts into one llama_batch the next token of every
+generating slot and chunks of the prompts being prefilled (chunked prefill, capped at n_batch: a
+larger batch aborts the process inside GGML). New requests join between steps; finished and
+cancelled ones leave at once. Slots enter the batch in ascending seq-id order and a new request
+takes the lowest free seq id, which keeps libllama from splitting the batch into extra passes.
+
+The same thread frees the model after `sleep_idle_s` without work and loads it again when the next
+request arrives, so no other thread ever sees a freed context.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp as llama
+
+from child.engine.llama_model import LlamaModel
+from child.engine.requests import Accepted, Delta, Done, Failed, GenerationRequest
+from child.engine.sampling import Sampler
+from child.engine.text_output import TextAssembler
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class EngineStopped(RuntimeError):
+    pass
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV cells this seq holds, in order
+    request: GenerationRequest | None = None
+    prompt: list[int] = field(default_factory=list)
+    prompt_pos: int = 0  # next prompt token to feed
+    n_reused: int = 0
+    next_token: int = -1  # sampled, not yet decoded
+    generated: int = 0
+    sampler: Sampler | None = None
+    text: TextAssembler | None = None
+    t_start: float = 0.0
+    t_first_token: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prompt_pos < len(self.prompt)
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    requests_total: int = 0
+    decode_calls_total: int = 0
+    batch_tokens_total: int = 0
+    last_batch_size: int = 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Scheduler:
+    """Runs generation requests on a model. `submit` is safe from any thread."""
+
+    def __init__(self, model: LlamaModel, reload_model: Callable[[], LlamaModel], *,
+                 batch_window_s: float, max_queue: int, sleep_idle_s: float,
+                 on_sleep: Callable[[], None], on_wake: Callable[[], None]) -> None:
+        self.model: LlamaModel | None = model
+        self._reload_model = reload_model
+        self.n_parallel = model.settings.n_parallel
+        self.n_ctx_slot = model.n_ctx_slot
+        self.n_batch = model.n_batch
+        self.batch_window_s = batch_window_s
+        self.max_queue = max_queue
+        self.sleep_idle_s = sleep_idle_s
+        self._on_sleep = on_sleep
+        self._on_wake = on_wake
+        self.slots = [Slot(seq_id=i) for i in range(self.n_parallel)]
+        self.stats = EngineStats()
+        self._incoming: collections.deque[GenerationRequest] = collections.deque()
+        self._waiting: collections.deque[tuple[GenerationRequest, list[int]]] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._last_activity = time.monotonic()
+        self._batch = llama.llama_batch_init(self.n_batch, 0, self.n_parallel)
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+
+    # -- public side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> None:
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._incoming) + len(self._waiting) >= self.max_queue + self.n_parallel:
+                raise QueueFull(f"{self.max_queue} requests are already waiting for a slot")
+            self._incoming.append(request)
+            self._cv.notify()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel everything in flight and end the loop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    @property
+    def sleeping(self) -> bool:
+        return self.model is None
+
+    def busy_slots(self) -> int:
+        return sum(1 for s in self.slots if s.request is not None)
+
+    def queued(self) -> int:
+        return len(self._incoming) + len(self._waiting)
+
+    def kv_cells_used(self) -> int:
+        return sum(len(s.cached) for s in self.slots) if self.model else 0
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    if self._stopping:
+                        break
+                    if not self._has_work_locked():
+                        self._wait_idle_locked()
+                        continue
+                    arrivals = list(self._incoming)
+                    self._incoming.clear()
+                self._accept(arrivals)
+                self._cancel_abandoned()
+                self._admit()
+                if any(s.request for s in self.slots):
+                    self._step()
+        except Exception:  # noqa: BLE001 - the loop must report, not vanish silently
+            log.exception("scheduler loop failed")
+        finally:
+            self._fail_everything("the server is shutting down")
+            llama.llama_batch_free(self._batch)
+
+    def _has_work_locked(self) -> bool:
+        return bool(self._incoming or self._waiting or any(s.request for s in self.slots))
+
+    def _wait_idle_locked(self) -> None:
+        """Block until a request arrives; sleep the model if none comes for sleep_idle_s."""
+        if self.sleep_idle_s >= 0 and self.model is not None:
+            remaining = self._last_activity + self.sleep_idle_s - time.monotonic()
+            if remaining <= 0:
+                self._sleep_model()
+                return
+            self._cv.wait(remaining)
+        else:
+            self._cv.wait()
+        if self._incoming and self.batch_window_s > 0 and not self._stopping:
+            # Requests that arrive together start together: wait a moment for the rest.
+            self._cv.wait(self.batch_window_s)
+
+    def _sleep_model(self) -> None:
+        assert self.model is not None
+        log.info("idle for %.1f s: releasing the model", self.sleep_idle_s)
+        self.model.close()
+        self.model = None
+        for slot in self.slots:
+            slot.cached = []
+        self._on_sleep()
+
+    def _wake_model(self) -> LlamaModel:
+        if self.model is None:
+            log.info("request arrived: loading the model again")
+            self.model = self._reload_model()
+            self._on_wake()
+        return self.model
+
+    def _accept(self, arrivals: list[GenerationRequest]) -> None:
+        """Tokenize and validate new requests; good ones wait for a slot."""
+        if not arrivals:
+            return
+        self._last_activity = time.monotonic()
+        model = self._wake_model()
+        for request in arrivals:
+            if request.cancelled.is_set():
+                continue
+            if isinstance(request.prompt, str):
+                tokens = model.tokenize(request.prompt, add_special=request.add_special, parse_special=True)
+            else:
+                tokens = list(request.prompt)
+            error = self._validate(request, tokens)
+            if error:
+                request.sink(Failed(error, 400, "invalid_request_error"))
+                continue
+            request.sink(Accepted(len(tokens)))
+            self._waiting.append((request, tokens))
+
+    def _validate(self, request: GenerationRequest, tokens: list[int]) -> str | None:
+        assert self.model is not None
+        if not tokens:
+            return "the prompt is empty"
+        if any(t < 0 or t >= self.model.n_vocab for t in tokens):
+            return f"the prompt has a token id outside the vocabulary (0..{self.model.n_vocab - 1})"
+        if len(tokens) >= self.n_ctx_slot:
+            return (f"the prompt is {len(tokens)} tokens, but a slot's context is {self.n_ctx_slot} "
+                    "tokens: shorten it or start the model with a larger -c")
+        if request.max_tokens > 0 and len(tokens) + request.max_tokens > self.n_ctx_slot:
+            return (f"prompt ({len(tokens)} tokens) + max_tokens ({request.max_tokens}) exceeds a slot's "
+                    f"context of {self.n_ctx_slot} tokens")
+        return None
+
+    def _cancel_abandoned(self) -> None:
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled.is_set():
+                log.info("request %d cancelled: slot %d freed", slot.request.id, slot.seq_id)
+                self._release(slot)
+        if any(r.cancelled.is_set() for r, _ in self._waiting):
+            self._waiting = collections.deque((r, t) for r, t in self._waiting if not r.cancelled.is_set())
+
+    def _admit(self) -> None:
+        free = [s for s in self.slots if s.request is None]
+        while self._waiting and free:
+            request, tokens = self._waiting.popleft()
+            # Prefer the free slot that already holds the longest prefix of this prompt (prompt
+            # cache); among equals the lowest seq id.
+            best = max(free, key=lambda s: (_common_prefix(s.cached, tokens) if request.cache_prompt else 0,
+                                            -s.seq_id))
+            free.remove(best)
+            self._start(best, request, tokens)
+
+    def _start(self, slot: Slot, request: GenerationRequest, tokens: list[int]) -> None:
+        assert self.model is not None
+        reuse = _common_prefix(slot.cached, tokens) if request.cache_prompt else 0
+        reuse = min(reuse, len(tokens) - 1)  # feed at least one token to get logits
+        if not llama.llama_memory_seq_rm(self.model.memory, slot.seq_id, reuse, -1):
+            # Some caches (sliding window, recurrent) cannot drop a suffix: start the seq over.
+            self.model.forget(slot.seq_id)
+            reuse = 0
+        slot.cached = tokens[:reuse]
+        slot.request = request
+        slot.prompt = tokens
+        slot.prompt_pos = reuse
+        slot.n_reused = reuse
+        slot.generated = 0
+        slot.next_token = -1
+        slot.sampler = Sampler(request.sampling, self.model.n_vocab)
+        slot.sampler.prime(tokens)
+        slot.text = TextAssembler(request.stop)
+        slot.t_start = time.perf_counter()
+        slot.t_first_token = 0.0
+        self.stats.requests_total += 1
+
+    def _step(self) -> None:
+        """One llama_decode over every active slot."""
+        assert self.model is not None
+        batch = self._batch
+        decoding = [s for s in self.slots if s.request is not None and not s.prefilling]
+        prefilling = [s for s in self.slots if s.request is not None and s.prefilling]
+        budget = self.n_batch - len(decoding)
+        chunk: dict[int, int] = {}  # seq id -> prompt tokens to feed this step
+        for slot in prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, len(slot.prompt) - slot.prompt_pos)
+            chunk[slot.seq_id] = take
+            budget -= take
+
+        n = 0
+        wants_logits: list[tuple[Slot, int]] = []
+        for slot in self.slots:  # ascending seq id
+            if slot.request is None:
+                continue
+            if not slot.prefilling:
+                feed = [slot.next_token]
+                last_gets_logits = True
+            elif slot.seq_id in chunk:
+                take = chunk[slot.seq_id]
+                feed = slot.prompt[slot.prompt_pos: slot.prompt_pos + take]
+                last_gets_logits = slot.prompt_pos + take == len(slot.prompt)
+            else:
+                continue
+            pos = len(slot.cached)
+            for i, token in enumerate(feed):
+                batch.token[n] = token
+                batch.pos[n] = pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                is_last = i == len(feed) - 1
+                batch.logits[n] = is_last and last_gets_logits
+                n += 1
+            if last_gets_logits:
+                wants_logits.append((slot, n - 1))
+            slot.cached.extend(feed)
+            if slot.prefilling:
+                slot.prompt_pos += len(feed)
+        batch.n_tokens = n
+
+        result = llama.llama_decode(self.model.ctx, batch)
+        self.stats.decode_calls_total += 1
+        self.stats.batch_tokens_total += n
+        self.stats.last_batch_size = len(wants_logits)
+        if result != 0:
+            log.error("llama_decode returned %d for a batch of %d tokens", result, n)
+            for slot in self.slots:
+                if slot.request is not None:
+                    self._finish_failed(slot, f"decoding failed (llama_decode returned {result})")
+            return
+        self.stats.prompt_tokens_total += sum(chunk.values())
+        for slot, index in wants_logits:
+            self._on_token(slot, slot.sampler.sample(self.model.ctx, index))  # type: ignore[union-attr]
+
+    def _on_token(self, slot: Slot, token: int) -> None:
+        assert self.model is not None and slot.request is not None and slot.text is not None
+        request = slot.request
+        if slot.generated == 0:
+            slot.t_first_token = time.perf_counter()
+        slot.generated += 1
+        self.stats.generated_tokens_total += 1
+        if self.model.is_eog(token) and not request.ignore_eos:
+            self._finish(slot, "stop", slot.text.finish())
+            return
+        text = slot.text.push(self.model.token_piece(token))
+        if slot.text.stopped_by is not None:
+            self._finish(slot, "stop", text)
+            return
+        out_of_room = len(slot.cached) + 1 >= self.n_ctx_slot
+        if (request.max_tokens > 0 and slot.generated >= request.max_tokens) or out_of_room:
+            self._finish(slot, "length", text + slot.text.finish())
+            return
+        if text:
+            request.sink(Delta(text))
+        slot.next_token = token
+
+    def _finish(self, slot: Slot, reason: str, last_text: str) -> None:
+        request = slot.request
+        assert request is not None
+        now = time.perf_counter()
+        if last_text:
+            request.sink(Delta(last_text))
+        request.sink(Done(
+            finish_reason=reason,
+            prompt_tokens=len(slot.prompt),
+            completion_tokens=slot.generated,
+            cached_tokens=slot.n_reused,
+            prompt_ms=(slot.t_first_token - slot.t_start) * 1000.0,
+            predicted_ms=(now - slot.t_first_token) * 1000.0,
+        ))
+        self._release(slot)
+
+    def _finish_failed(self, slot: Slot, message: str) -> None:
+        assert slot.request is not None
+        slot.request.sink(Failed(message, 500))
+        self._release(slot)
+        if self.model is not None:
+            self.model.forget(slot.seq_id)
+        slot.cached = []
+
+    def _release(self, slot: Slot) -> None:
+        if slot.sampler is not None:
+            slot.sampler.close()
+        slot.sampler = None
+        slot.request = None
+        slot.text = None
+        slot.prompt = []
+        self._last_activity = time.monotonic()
+
+    def _fail_everything(self, message: str) -> None:
+        for slot in self.slots:
+            if slot.request is not None:
+                slot.request.sink(Failed(message, 503, "unavailable_error"))
+                self._release(slot)
+        with self._cv:
+            pending = [r for r, _ in self._waiting] + list(self._incoming)
+            self._waiting.clear()
+            self._incoming.clear()
+        for request in pending:
+            request.sink(Failed(message, 503, "unavailable_error"))

@@ -1,0 +1,256 @@
+"""The child's OpenAI-compatible HTTP API on top of the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from child.engine.chat_template import ChatTemplateError
+from child.engine.requests import Accepted, Delta, Done, EngineEvent, Failed, GenerationRequest
+from child.engine.scheduler import EngineStopped, QueueFull
+from child.openai_schema import (
+    ChatCompletionBody,
+    CompletionBody,
+    GenerationBody,
+    RequestError,
+    parse_body,
+)
+from child.protocol import ChildState
+from child.runtime import ChildRuntime
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               500: "server_error", 503: "unavailable_error"}
+
+
+def error_response(status: int, message: str, error_type: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"code": status, "message": message,
+                      "type": error_type or ERROR_TYPES.get(status, "server_error")}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+class Generation:
+    """One request's trip through the engine, seen from the event loop."""
+
+    def __init__(self, runtime: ChildRuntime, body: GenerationBody, prompt: str | list[int],
+                 add_special: bool) -> None:
+        self.runtime = runtime
+        self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        settings = runtime.settings
+        self.request = GenerationRequest(
+            prompt=prompt,
+            sampling=body.sampling(settings.default_sampling, runtime.n_vocab),
+            max_tokens=body.requested_max_tokens(settings.default_max_tokens),
+            stop=body.stop_strings(),
+            sink=lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
+            ignore_eos=body.ignore_eos,
+            cache_prompt=body.cache_prompt,
+            add_special=add_special,
+        )
+
+    async def start(self) -> Accepted:
+        """Submit and wait until the engine accepted the prompt (or raise RequestError)."""
+        assert self.runtime.scheduler is not None
+        try:
+            self.runtime.scheduler.submit(self.request)
+        except QueueFull as exc:
+            raise RequestError(f"server busy: {exc}", 503, "unavailable_error") from exc
+        except EngineStopped as exc:
+            raise RequestError(str(exc), 503, "unavailable_error") from exc
+        try:
+            first = await self.events.get()
+        except asyncio.CancelledError:
+            self.request.cancel()
+            raise
+        if isinstance(first, Failed):
+            raise RequestError(first.message, first.status, first.error_type)
+        assert isinstance(first, Accepted)
+        return first
+
+    async def events_until_done(self) -> AsyncIterator[Delta | Done | Failed]:
+        try:
+            while True:
+                event = await self.events.get()
+                assert not isinstance(event, Accepted)
+                yield event
+                if isinstance(event, Done | Failed):
+                    return
+        finally:
+            # Normal end, client gone or server stopping: the slot is freed within one step.
+            self.request.cancel()
+
+
+def usage_of(done: Done) -> dict[str, Any]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+
+
+def create_app(runtime: ChildRuntime) -> FastAPI:
+    app = FastAPI(title="modelyard child", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return error_response(exc.status, exc.message, exc.error_type, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, str(exc.errors()[0].get("msg", "invalid request")))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    def require_ready() -> None:
+        if runtime.scheduler is None:
+            raise RequestError("Loading model", 503, "unavailable_error")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if runtime.scheduler is None:
+            return error_response(503, "Loading model")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": runtime.settings.alias, "object": "model", "created": runtime.created,
+            "owned_by": "modelyard", "meta": runtime.info}]}
+
+    @app.get("/props")
+    async def props() -> dict[str, Any]:
+        settings = runtime.settings
+        return {
+            "role": "model",
+            "model_alias": settings.alias,
+            "model_path": settings.model_path,
+            "total_slots": settings.context.n_parallel,
+            "is_sleeping": runtime.state == ChildState.SLEEPING,
+            "chat_template": runtime.template_source or "",
+            "default_generation_settings": {
+                "n_ctx": runtime.info.get("n_ctx_slot", 0),
+                "params": {"temperature": settings.default_sampling.temperature,
+                           "top_k": settings.default_sampling.top_k,
+                           "top_p": settings.default_sampling.top_p,
+                           "min_p": settings.default_sampling.min_p,
+                           "n_predict": settings.default_max_tokens},
+            },
+            "modalities": {"vision": False, "audio": False},
+        }
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        require_ready()
+        body = parse_body(await request.body(), ChatCompletionBody)
+        if runtime.template is None:
+            raise RequestError("this model has no chat template: use /v1/completions, or start it with "
+                               "--chat-template NAME")
+        try:
+            prompt = runtime.template.render(body.template_messages())
+        except ChatTemplateError as exc:
+            raise RequestError(str(exc)) from exc
+        # The template writes BOS itself when the model wants one.
+        return await _generate(runtime, body, prompt, add_special=False, chat=True)
+
+    @app.post("/v1/completions")
+    @app.post("/completions")
+    async def completions(request: Request) -> Response:
+        require_ready()
+        body = parse_body(await request.body(), CompletionBody)
+        return await _generate(runtime, body, body.prompt_value(), add_special=True, chat=False)
+
+    return app
+
+
+async def _generate(runtime: ChildRuntime, body: GenerationBody, prompt: str | list[int],
+                    add_special: bool, chat: bool) -> Response:
+    generation = Generation(runtime, body, prompt, add_special)
+    await generation.start()
+    completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    model_name = runtime.settings.alias
+    base = {"id": completion_id, "created": created, "model": model_name,
+            "system_fingerprint": "modelyard"}
+
+    if not body.stream:
+        parts: list[str] = []
+        async for event in generation.events_until_done():
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            elif isinstance(event, Failed):
+                return error_response(event.status, event.message, event.error_type)
+            else:
+                text = "".join(parts)
+                choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                    choice["logprobs"] = None
+                return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
+                                     "choices": [choice], "usage": usage_of(event),
+                                     "timings": event.timings()})
+        return error_response(500, "generation ended without a result")
+
+    chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta_text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
+        if chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if delta_text is not None:
+                delta["content"] = delta_text
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta_text or ""
+            choice["logprobs"] = None
+        return {**base, "object": chunk_object, "choices": [choice]}
+
+    async def stream() -> AsyncIterator[bytes]:
+        if chat:
+            yield sse(chunk("", None, first=True))
+        async for event in generation.events_until_done():
+            if isinstance(event, Delta):
+                yield sse(chunk(event.text, None))
+            elif isinstance(event, Failed):
+                yield sse({"error": {"code": event.status, "message": event.message,
+                                     "type": event.error_type}})
+                return
+            else:
+                final = chunk(None if chat else "", event.finish_reason)
+                final["timings"] = event.timings()
+                yield sse(final)
+                if body.wants_usage_chunk():
+                    yield sse({**base, "object": chunk_object, "choices": [], "usage": usage_of(event)})
+                yield sse("[DONE]")
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
