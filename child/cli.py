@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # libllama's own log (the loader's metadata dump, ...) only when asked for with --verbose.
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     link = RouterLink.from_environment()
     if not args.model:
         log.error("no model: pass -m PATH")

@@ -1,0 +1,86 @@
+"""The router's FastAPI application: lifespan, error rendering, routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.auth import ApiKeyMiddleware
+from router.errors import RouterError, error_json
+from router.events import EventHub
+from router.model_sources import ModelSpec
+from router.proxy import make_client
+from router.registry import Registry
+from router.routes import health, models, openai
+from router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: int) -> FastAPI:
+    events = EventHub(settings.sse_queue_size)
+    registry = Registry(settings, specs, events)
+    registry.router_port = router_port
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.http = make_client(settings)
+        startup = [asyncio.create_task(_load_on_startup(registry, r.name))
+                   for r in registry.records.values() if r.spec.load_on_startup]
+        try:
+            yield
+        finally:
+            for task in startup:
+                task.cancel()
+            events.close_all()
+            await registry.shutdown()
+            await app.state.http.aclose()
+
+    app = FastAPI(title="modelyard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.registry = registry
+
+    @app.exception_handler(RouterError)
+    async def _router_error(_: Request, exc: RouterError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "server_error")
+        return error_json(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_json(400, str(exc.errors()[0].get("msg", "invalid request")), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unexpected error")
+        return error_json(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(openai.router)
+
+    @app.get("/{path:path}", include_in_schema=False)
+    async def _get_with_model(request: Request, path: str) -> Response:
+        if request.query_params.get("model"):
+            return await openai.proxy_get(request)
+        return error_json(404, f"no route GET /{path}", "not_found_error")
+
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    return app
+
+
+async def _load_on_startup(registry: Registry, name: str) -> None:
+    try:
+        await registry.load(name)
+    except RouterError as exc:
+        log.error("load-on-startup of %s failed: %s", name, exc.message)

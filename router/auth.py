@@ -1,0 +1,37 @@
+"""API key check for every route but /health (pure ASGI, so streams pass through untouched)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+OPEN_PATHS = frozenset({"/health", "/v1/health"})
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode()
+
+    def _presented_key(self, scope: Scope) -> bytes:
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        return headers.get(b"x-api-key", b"").strip()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        if hmac.compare_digest(self._presented_key(scope), self._key):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"error": {"code": 401, "message": "Invalid API Key",
+                                     "type": "authentication_error"}}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,67 @@
+"""`modelyard`: the router's command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from router.app import create_app
+from router.errors import ConfigError
+from router.model_sources import collect_specs
+from router.settings import settings_from_args
+
+log = logging.getLogger("router")
+
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings, log_level = settings_from_args(argv)
+    except ConfigError as exc:
+        print(f"modelyard: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        specs = collect_specs(settings)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    try:
+        sock = _bind(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        sys.exit(2)
+    port = sock.getsockname()[1]
+    app = create_app(settings, specs, port)
+    log.info("models (%d): %s", len(specs),
+             ", ".join(s.name + (f" (aliases: {', '.join(s.aliases)})" if s.aliases else "") for s in specs)
+             or "none")
+    config = uvicorn.Config(app, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = uvicorn.Server(config)
+    log.info("modelyard router listening on http://%s:%d", settings.host, port)
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        # Whatever ended the loop, no child outlives the router.
+        app.state.registry.kill_all_now()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Where models come from: preset sections, a --models-dir folder, and the router's own flags.
+
+Each source yields ModelSpecs; precedence of options is router command line > model section >
+[*] (as llama.cpp's router). A model's child command line is rendered from its options.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.errors import ConfigError
+from router.presets import PresetFile, load_preset_file, parse_bool, render_ini
+from router.settings import RouterSettings
+
+SOURCE_PRESET = "preset"
+SOURCE_MODELS_DIR = "models_dir"
+SOURCE_CACHE = "cache"
+
+# Options the router passes itself or keeps for the listing; never rendered from a preset.
+_NOT_RENDERED = {"alias", "tags", "host", "port"}
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    options: dict[str, str | bool] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    load_on_startup: bool = False
+    stop_timeout_s: float = 10.0
+    preset_ini: str = ""
+
+    @property
+    def model_value(self) -> str:
+        return str(self.options.get("model", ""))
+
+    def child_args(self, model_path: str | None = None) -> list[str]:
+        """Flags for the child (without host, port and alias, which the router adds)."""
+        args: list[str] = []
+        for key, value in self.options.items():
+            if key in _NOT_RENDERED:
+                continue
+            if key == "model" and model_path is not None:
+                value = model_path
+            if isinstance(value, bool):
+                if value:
+                    args.append(f"--{key}")
+            else:
+                args.extend([f"--{key}", str(value)])
+        return args
+
+
+def _split_list(value: str | bool | None) -> tuple[str, ...]:
+    if not isinstance(value, str):
+        return ()
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _make_spec(name: str, source: str, options: dict[str, str | bool], router_options: dict[str, str],
+               settings: RouterSettings, where: str) -> ModelSpec:
+    merged = {**options, **settings.global_child_args}
+    if not merged.get("model"):
+        raise ConfigError(f"{where}: model [{name}] has no 'model' key (path to a GGUF file)")
+    load_on_startup = parse_bool(router_options.get("load-on-startup", "false"), where)
+    stop_timeout_s = settings.stop_timeout_s
+    if "stop-timeout" in router_options:
+        try:
+            stop_timeout_s = float(router_options["stop-timeout"])
+        except ValueError as exc:
+            raise ConfigError(f"{where}: stop-timeout must be a number of seconds") from exc
+        if stop_timeout_s < 0:
+            raise ConfigError(f"{where}: stop-timeout must not be negative")
+    return ModelSpec(
+        name=name, source=source, options=merged,
+        aliases=_split_list(merged.get("alias")), tags=_split_list(merged.get("tags")),
+        load_on_startup=load_on_startup, stop_timeout_s=stop_timeout_s,
+        preset_ini=render_ini(name, {k: v for k, v in merged.items() if k not in _NOT_RENDERED},
+                              router_options),
+    )
+
+
+def _resolve_relative(value: str, base: Path) -> str:
+    if value.startswith("pkg:") or Path(value).is_absolute() or Path(value).exists():
+        return value
+    return str((base / value).resolve())
+
+
+def specs_from_preset(preset: PresetFile, settings: RouterSettings) -> list[ModelSpec]:
+    specs = []
+    base = preset.path.resolve().parent
+    for section in preset.sections:
+        options = {**preset.global_section.options, **section.options}
+        router_options = {**preset.global_section.router_options, **section.router_options}
+        if isinstance(options.get("model"), str):
+            options["model"] = _resolve_relative(str(options["model"]), base)
+        specs.append(_make_spec(section.name, SOURCE_PRESET, options, router_options, settings,
+                                f"{preset.path}:{section.line}"))
+    return specs
+
+
+def _gguf_in_folder(folder: Path) -> tuple[Path | None, Path | None]:
+    """(main model file, projector file) of a model sub-folder."""
+    main: Path | None = None
+    projector: Path | None = None
+    for path in sorted(folder.glob("*.gguf")):
+        if "mmproj" in path.name.lower():
+            projector = projector or path
+            continue
+        shard = _SHARD.search(path.name)
+        if shard and shard.group(1) != "00001":
+            continue
+        main = main or path
+    return main, projector
+
+
+def specs_from_models_dir(folder: str, settings: RouterSettings,
+                          global_options: dict[str, str | bool] | None = None) -> list[ModelSpec]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConfigError(f"--models-dir {folder} is not a folder")
+    specs = []
+    for entry in sorted(root.iterdir()):
+        options: dict[str, str | bool] = dict(global_options or {})
+        if entry.is_file() and entry.suffix == ".gguf" and "mmproj" not in entry.name.lower():
+            shard = _SHARD.search(entry.name)
+            if shard and shard.group(1) != "00001":
+                continue
+            name = _SHARD.sub("", entry.name).removesuffix(".gguf") if shard else entry.stem
+            options["model"] = str(entry.resolve())
+        elif entry.is_dir():
+            main, projector = _gguf_in_folder(entry)
+            if main is None:
+                continue
+            name = entry.name
+            options["model"] = str(main.resolve())
+            if projector is not None:
+                options["mmproj"] = str(projector.resolve())
+        else:
+            continue
+        specs.append(_make_spec(name, SOURCE_MODELS_DIR, options, {}, settings, str(entry)))
+    return specs
+
+
+def collect_specs(settings: RouterSettings) -> list[ModelSpec]:
+    """Every model the router serves; a preset section overrides a models-dir entry of that name."""
+    by_name: dict[str, ModelSpec] = {}
+    preset = load_preset_file(settings.models_preset) if settings.models_preset else None
+    if settings.models_dir:
+        global_options = preset.global_section.options if preset else None
+        for spec in specs_from_models_dir(settings.models_dir, settings, global_options):
+            by_name[spec.name] = spec
+    if preset is not None:
+        for spec in specs_from_preset(preset, settings):
+            by_name[spec.name] = spec
+    _check_names(list(by_name.values()))
+    return list(by_name.values())
+
+
+def _check_names(specs: list[ModelSpec]) -> None:
+    owner: dict[str, str] = {spec.name: spec.name for spec in specs}
+    for spec in specs:
+        for alias in spec.aliases:
+            if alias in owner and owner[alias] != spec.name:
+                raise ConfigError(f"alias '{alias}' of model '{spec.name}' conflicts with model "
+                                  f"'{owner[alias]}'")
+            owner[alias] = spec.name

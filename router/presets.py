@@ -1,0 +1,123 @@
+"""Preset INI files in llama.cpp's format.
+
+    version = 1
+    [*]                 ; applies to every model
+    c = 4096
+    [smollm2]           ; one model
+    model = /path/to/file.gguf
+    alias = small,chat
+    load-on-startup = true
+
+Keys are child flags by long name (dashes or underscores), short name or LLAMA_ARG_* name, or one
+of the preset-only keys. An unknown key stops the router with the file, line and key, because a
+typo that silently does nothing is worse than a refusal. Parsed by hand rather than with
+configparser so that every error can name its line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from child.arguments import find_arg
+from router.errors import ConfigError
+
+GLOBAL_SECTION = "*"
+
+# Keys the router reads itself; they never reach a child's command line.
+PRESET_ONLY_KEYS = ("load-on-startup", "stop-timeout")
+
+TRUE_WORDS = {"1", "true", "on", "yes", "enabled"}
+FALSE_WORDS = {"0", "false", "off", "no", "disabled"}
+
+
+@dataclass
+class PresetSection:
+    name: str
+    line: int
+    options: dict[str, str | bool] = field(default_factory=dict)  # child flag long name -> value
+    router_options: dict[str, str] = field(default_factory=dict)  # preset-only key -> raw value
+
+
+@dataclass
+class PresetFile:
+    path: Path
+    global_section: PresetSection
+    sections: list[PresetSection]
+
+
+def parse_bool(value: str, where: str) -> bool:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _normalize_key(key: str) -> str:
+    return key.strip().lower().lstrip("-").replace("_", "-")
+
+
+def parse_preset_text(text: str, path: Path) -> PresetFile:
+    global_section = PresetSection(GLOBAL_SECTION, 0)
+    sections: list[PresetSection] = []
+    current = global_section
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        where = f"{path}:{number}"
+        line = raw.strip()
+        if not line or line[0] in ";#":
+            continue
+        if line.startswith("["):
+            if not line.endswith("]"):
+                raise ConfigError(f"{where}: section header is missing its ']'")
+            name = line[1:-1].strip()
+            if not name:
+                raise ConfigError(f"{where}: empty section name")
+            if name == GLOBAL_SECTION:
+                current = global_section
+                continue
+            if name in seen:
+                raise ConfigError(f"{where}: model [{name}] appears twice")
+            seen.add(name)
+            current = PresetSection(name, number)
+            sections.append(current)
+            continue
+        if "=" not in line:
+            raise ConfigError(f"{where}: expected 'key = value', got {line!r}")
+        key, value = (part.strip() for part in line.split("=", 1))
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if key == "version" and current is global_section and not sections:
+            if value != "1":
+                raise ConfigError(f"{where}: unsupported preset version {value!r} (expected 1)")
+            continue
+        normalized = _normalize_key(key)
+        if normalized in PRESET_ONLY_KEYS:
+            current.router_options[normalized] = value
+            continue
+        spec = find_arg(key) or find_arg(normalized)
+        if spec is None or spec.long in ("host", "port"):
+            raise ConfigError(f"{where}: unknown key '{key}'")
+        current.options[spec.long] = parse_bool(value, where) if not spec.takes_value else value
+    return PresetFile(path, global_section, sections)
+
+
+def load_preset_file(path: str | Path) -> PresetFile:
+    preset_path = Path(path)
+    try:
+        text = preset_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read preset file {preset_path}: {exc.strerror or exc}") from exc
+    return parse_preset_text(text, preset_path)
+
+
+def render_ini(name: str, options: dict[str, str | bool], router_options: dict[str, str]) -> str:
+    """A model's merged preset as INI text (shown in /models as status.preset)."""
+    lines = [f"[{name}]"]
+    for key, value in options.items():
+        lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    for key, raw in router_options.items():
+        lines.append(f"{key} = {raw}")
+    return "\n".join(lines) + "\n"

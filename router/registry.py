@@ -1,0 +1,313 @@
+"""The model registry: every model's record, the one status mutation point, load, unload and LRU.
+
+Ownership rules:
+- `set_status` is the only writer of a status. It validates the transition, logs
+  `model old->new reason`, publishes the event and settles whoever waits on that model.
+- A per-model lock serialises load and unload of that model; an admission lock serialises the
+  "is there room for one more child" decision across models, so two loads never both take the
+  last place. Lock order is always admission, then model.
+- A request holds a Lease on its model from before the load until its response has ended; a
+  model with a lease is never evicted, so eviction never cuts a request off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from child.protocol import ROUTER_PORT_ENV, ChildState, StateMessage
+from router.bundled_models import is_package_model, resolve_package_model
+from router.child_process import ChildProcess
+from router.errors import ConfigError, InvalidRequest, NotFound, ServerError
+from router.events import EventHub
+from router.model_sources import ModelSpec
+from router.model_status import ModelStatus, check_transition
+from router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+CHILD_HOST = "127.0.0.1"
+# Variables of the router that must never reach a child (the API key above all).
+_RESERVED_ENV = ("LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE", "LLAMA_ARG_HOST",
+                 "LLAMA_ARG_PORT", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_DIR",
+                 "LLAMA_ARG_MODELS_MAX", "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_ARG_TIMEOUT")
+
+
+class ModelRecord:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.status = ModelStatus.UNLOADED
+        self.exit_code: int | None = None
+        self.child: ChildProcess | None = None
+        self.port: int | None = None
+        self.meta: dict[str, Any] = {}
+        self.args: list[str] = []
+        self.in_flight = 0
+        self.last_used = 0.0
+        self.lock = asyncio.Lock()
+        # Settled when a load ends: None = ready, an int = the child exited with that code.
+        self.ready: asyncio.Future[int | None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def failed(self) -> bool:
+        return self.status == ModelStatus.UNLOADED and self.exit_code not in (None, 0)
+
+    def to_json(self, created: int) -> dict[str, Any]:
+        status: dict[str, Any] = {"value": str(self.status), "args": self.args or self.spec.child_args(),
+                                  "preset": self.spec.preset_ini}
+        if self.failed:
+            status["failed"] = True
+            status["exit_code"] = self.exit_code
+        entry: dict[str, Any] = {
+            "id": self.name, "aliases": list(self.spec.aliases), "tags": list(self.spec.tags),
+            "object": "model", "owned_by": "modelyard", "created": created, "status": status,
+            "source": self.spec.source,
+        }
+        if self.status.is_running and self.meta:
+            entry["meta"] = self.meta
+        return entry
+
+
+class Lease:
+    """A request's claim on a model; released exactly once."""
+
+    def __init__(self, registry: Registry, record: ModelRecord) -> None:
+        self._registry = registry
+        self.record = record
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._registry._release(self.record)
+
+
+class Registry:
+    def __init__(self, settings: RouterSettings, specs: list[ModelSpec], events: EventHub) -> None:
+        self.settings = settings
+        self.events = events
+        self.router_port = 0
+        self.records: dict[str, ModelRecord] = {spec.name: ModelRecord(spec) for spec in specs}
+        self._admission = asyncio.Lock()
+        self._room_changed = asyncio.Event()
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> ModelRecord | None:
+        record = self.records.get(name)
+        if record is not None:
+            return record
+        for candidate in self.records.values():
+            if name in candidate.spec.aliases:
+                return candidate
+        return None
+
+    def get(self, name: str | None) -> ModelRecord:
+        """The model a request names, or the router's routing error."""
+        if not name:
+            raise InvalidRequest("model name is missing from the request")
+        record = self.lookup(name)
+        if record is None:
+            raise InvalidRequest(f"model '{name}' not found")
+        return record
+
+    # -- the one mutation point -----------------------------------------------------------------
+
+    def set_status(self, record: ModelRecord, new: ModelStatus, reason: str, *,
+                   exit_code: int | None = None, info: dict[str, Any] | None = None,
+                   progress: float | None = None) -> None:
+        old = record.status
+        check_transition(old, new)
+        record.status = new
+        if old != new:
+            log.info("model %s %s->%s %s", record.name, old, new, reason)
+        if new == ModelStatus.LOADING and old != ModelStatus.LOADING:
+            record.exit_code = None
+            record.ready = asyncio.get_running_loop().create_future()
+            self.events.publish(record.name, "model_status", {"status": str(new)})
+        else:
+            data: dict[str, Any] = {"status": str(new)}
+            if new == ModelStatus.UNLOADED:
+                record.exit_code = exit_code
+                data["exit_code"] = exit_code
+            if info is not None:
+                data["info"] = info
+            if progress is not None:
+                data["progress"] = progress
+            self.events.publish(record.name, "status_change", data)
+        if record.ready is not None and not record.ready.done():
+            if new.can_serve:
+                record.ready.set_result(None)
+            elif new == ModelStatus.UNLOADED:
+                record.ready.set_result(exit_code if exit_code is not None else -1)
+        self._notify_room()
+
+    def _notify_room(self) -> None:
+        changed, self._room_changed = self._room_changed, asyncio.Event()
+        changed.set()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def acquire(self, name: str | None, autoload: bool) -> Lease:
+        """Claim a model for one request and make sure it can serve (loading it if allowed)."""
+        record = self.get(name)
+        if not autoload and not record.status.is_running:
+            raise InvalidRequest("model is not loaded")
+        record.in_flight += 1
+        record.last_used = time.monotonic()
+        lease = Lease(self, record)
+        try:
+            await self._ensure_ready(record)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    def _release(self, record: ModelRecord) -> None:
+        record.in_flight -= 1
+        record.last_used = time.monotonic()
+        if record.in_flight == 0:
+            self._notify_room()
+
+    async def _ensure_ready(self, record: ModelRecord) -> None:
+        while not record.status.can_serve:
+            if record.status == ModelStatus.LOADING:
+                assert record.ready is not None
+                exit_code = await asyncio.shield(record.ready)
+                if exit_code is not None:
+                    raise ServerError(f"model '{record.name}' failed to load (exit code {exit_code})")
+            else:
+                await self._start(record)
+
+    # -- load and unload ------------------------------------------------------------------------
+
+    async def load(self, name: str) -> None:
+        """POST /models/load: spawn the child; readiness is reported on the status feed."""
+        record = self.lookup(name)
+        if record is None:
+            raise NotFound("model is not found")
+        if record.status.is_running:
+            raise InvalidRequest("model is already running")
+        await self._start(record)
+
+    async def unload(self, name: str) -> None:
+        record = self.lookup(name)
+        if record is None:
+            raise InvalidRequest("model is not found")
+        if not record.status.is_running:
+            raise InvalidRequest("model is not running")
+        async with record.lock:
+            await self._stop(record)
+
+    async def _start(self, record: ModelRecord) -> None:
+        async with self._admission:
+            if record.status != ModelStatus.UNLOADED:
+                return
+            await self._make_room(record)
+            async with record.lock:
+                if record.status == ModelStatus.UNLOADED:
+                    await self._spawn(record)
+
+    async def _make_room(self, target: ModelRecord) -> None:
+        """Evict least recently used idle models until one more child fits under --models-max."""
+        limit = self.settings.models_max
+        while limit > 0:
+            running = [r for r in self.records.values() if r.status.is_running and r is not target]
+            if len(running) < limit:
+                return
+            idle = [r for r in running if r.in_flight == 0 and r.status.can_serve]
+            if idle:
+                victim = min(idle, key=lambda r: r.last_used)
+                log.info("evicting %s (least recently used) to make room for %s", victim.name, target.name)
+                async with victim.lock:
+                    await self._stop(victim)
+                continue
+            # Every resident model is busy or still loading: wait until one becomes idle.
+            await self._room_changed.wait()
+
+    async def _spawn(self, record: ModelRecord) -> None:
+        model_value = record.spec.model_value
+        try:
+            model_path = (await asyncio.to_thread(resolve_package_model, model_value)
+                          if is_package_model(model_value) else model_value)
+        except ConfigError as exc:
+            raise ServerError(f"model '{record.name}': {exc}") from exc
+        argv = [sys.executable, "-m", "child", *record.spec.child_args(model_path),
+                "--host", CHILD_HOST, "--port", "0", "--alias", record.name]
+        child = ChildProcess(record.name, argv, self._child_env(),
+                             on_state=lambda message: self._on_child_state(record, child, message),
+                             on_exit=lambda code: self._on_child_exit(record, child, code))
+        record.child = child
+        record.args = argv
+        self.set_status(record, ModelStatus.LOADING, "(spawning child)")
+        try:
+            await child.start()
+        except OSError as exc:
+            record.child = None
+            self.set_status(record, ModelStatus.UNLOADED, f"(spawn failed: {exc})", exit_code=127)
+            raise ServerError(f"model '{record.name}': cannot start the child: {exc}") from exc
+
+    def _child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _RESERVED_ENV}
+        env[ROUTER_PORT_ENV] = str(self.router_port)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    async def _stop(self, record: ModelRecord) -> None:
+        child = record.child
+        if child is None:
+            return
+        await child.stop(record.spec.stop_timeout_s, kill_now=record.status == ModelStatus.LOADING)
+
+    async def shutdown(self) -> None:
+        """Stop every child, in parallel, each within its stop timeout."""
+        running = [r for r in self.records.values() if r.child is not None]
+        await asyncio.gather(*(self._stop(r) for r in running), return_exceptions=True)
+
+    def kill_all_now(self) -> None:
+        for record in self.records.values():
+            if record.child is not None:
+                record.child.kill_now_sync()
+
+    # -- reports from the child -----------------------------------------------------------------
+
+    def _on_child_state(self, record: ModelRecord, child: ChildProcess, message: StateMessage) -> None:
+        if record.child is not child:
+            return  # a report from a child this record no longer owns
+        payload = message.payload
+        if message.state == ChildState.LOADING:
+            if record.status == ModelStatus.LOADING:
+                value = payload.get("value")
+                self.set_status(record, ModelStatus.LOADING, "(progress)",
+                                progress=float(value) if isinstance(value, int | float) else None)
+        elif message.state == ChildState.READY:
+            if record.status == ModelStatus.LOADING:
+                port = payload.get("port")
+                if not isinstance(port, int) or not 0 < port < 65536:
+                    log.error("[%s] ready without a valid port (%r): stopping it", record.name, port)
+                    child.kill_now_sync()
+                    return
+                record.port = port
+                record.meta = payload
+                self.set_status(record, ModelStatus.LOADED, "(child ready)", info=payload)
+            elif record.status == ModelStatus.SLEEPING:
+                self.set_status(record, ModelStatus.LOADED, "(woke up)")
+        elif message.state == ChildState.SLEEPING and record.status == ModelStatus.LOADED:
+            self.set_status(record, ModelStatus.SLEEPING, "(idle)")
+
+    def _on_child_exit(self, record: ModelRecord, child: ChildProcess, code: int) -> None:
+        if record.child is not child:
+            return
+        record.child = None
+        record.port = None
+        record.meta = {}
+        reason = "(child exited)" if code == 0 else f"(child failed, exit code {code})"
+        self.set_status(record, ModelStatus.UNLOADED, reason, exit_code=code)

@@ -1,0 +1,43 @@
+"""Small helpers shared by the route modules."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+
+from router.errors import InvalidRequest
+from router.registry import Registry
+
+
+def registry_of(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+async def json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and its JSON object, or a 400 that says what is wrong."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return raw, data
+
+
+def model_field(data: dict[str, Any]) -> str | None:
+    value = data.get("model")
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest("'model' must be a string")
+    return value
+
+
+def autoload_of(request: Request) -> bool:
+    """?autoload=true|false overrides --models-autoload for one request, as in llama.cpp."""
+    value = request.query_params.get("autoload")
+    if value is None:
+        return bool(request.app.state.settings.models_autoload)
+    return value.lower() in ("1", "true")

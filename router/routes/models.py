@@ -1,0 +1,71 @@
+"""/models: list, load, unload, and the /models/sse status feed."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from router.errors import InvalidRequest
+from router.routes.common import json_body, model_field, registry_of
+
+router = APIRouter()
+
+
+@router.get("/models")
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    registry = registry_of(request)
+    created = int(time.time())
+    return {"object": "list", "data": [r.to_json(created) for r in registry.records.values()]}
+
+
+@router.post("/models/load")
+async def load_model(request: Request) -> dict[str, Any]:
+    _, data = await json_body(request)
+    name = model_field(data)
+    if not name:
+        raise InvalidRequest("model name is missing from the request")
+    await registry_of(request).load(name)
+    return {"success": True}
+
+
+@router.post("/models/unload")
+async def unload_model(request: Request) -> dict[str, Any]:
+    _, data = await json_body(request)
+    name = model_field(data)
+    if not name:
+        raise InvalidRequest("model name is missing from the request")
+    await registry_of(request).unload(name)
+    return {"success": True}
+
+
+@router.get("/models/sse")
+async def models_sse(request: Request) -> EventSourceResponse:
+    registry = registry_of(request)
+    subscription = registry.events.subscribe()
+    # The snapshot is taken in the same step as the subscription, so no event falls between them.
+    snapshot = []
+    for record in registry.records.values():
+        data: dict[str, Any] = {"status": str(record.status)}
+        if record.failed:
+            data["exit_code"] = record.exit_code
+        snapshot.append({"model": record.name, "event": "status_change", "data": data})
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        try:
+            for message in snapshot:
+                yield ServerSentEvent(json.dumps(message))
+            while True:
+                message = await subscription.next()
+                if message is None:
+                    return
+                yield ServerSentEvent(json.dumps(message))
+        finally:
+            subscription.close()
+
+    return EventSourceResponse(events(), ping=request.app.state.settings.sse_ping_interval_s)

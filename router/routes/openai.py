@@ -1,0 +1,38 @@
+"""The proxied routes: OpenAI-style POSTs routed by the body's `model`, GETs by `?model=`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from router.errors import InvalidRequest
+from router.proxy import relay
+from router.routes.common import autoload_of, json_body, model_field, registry_of
+
+router = APIRouter()
+
+PROXIED_POSTS = (
+    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
+    "/v1/embeddings", "/embeddings", "/v1/responses", "/infill", "/tokenize", "/detokenize",
+    "/apply-template", "/v1/rerank", "/rerank",
+)
+
+
+async def proxy_post(request: Request) -> Response:
+    raw, data = await json_body(request)
+    lease = await registry_of(request).acquire(model_field(data), autoload_of(request))
+    return await relay(request.app.state.http, lease, "POST", request.url.path, request.url.query,
+                       request.headers.items(), raw)
+
+
+for _path in PROXIED_POSTS:
+    router.add_api_route(_path, proxy_post, methods=["POST"], include_in_schema=_path.startswith("/v1/"))
+
+
+async def proxy_get(request: Request) -> Response:
+    """GET /anything?model=X reaches that model's child."""
+    name = request.query_params.get("model")
+    if not name:
+        raise InvalidRequest("model name is missing from the request")
+    lease = await registry_of(request).acquire(name, autoload_of(request))
+    return await relay(request.app.state.http, lease, "GET", request.url.path, request.url.query,
+                       request.headers.items(), b"")

@@ -1,0 +1,127 @@
+"""The router's settings: llama-server's router flags, their LLAMA_ARG_* variables and defaults.
+
+Flags that belong to the child (`-c`, `-t`, `--temp`, ...) may also be given to the router; they
+apply to every model and win over the presets (router command line > model section > [*]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from child.arguments import CHILD_ARGS, ArgSpec
+from router.errors import ConfigError
+
+# Child flags that the router sets itself for each child; not accepted as global overrides.
+ROUTER_OWNED_CHILD_FLAGS = {"model", "host", "port", "alias"}
+
+
+class RouterSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    models_preset: str | None = None
+    models_dir: str | None = None
+    models_max: int = Field(default=4, ge=0)  # 0 = unlimited
+    models_autoload: bool = True
+    sleep_idle_seconds: float = -1.0
+    api_key: str | None = None
+    timeout_s: float = 3600.0  # read timeout for a proxied request
+    stop_timeout_s: float = 10.0  # exit command -> SIGKILL of the child's process group
+    child_connect_timeout_s: float = 10.0
+    sse_ping_interval_s: float = 15.0
+    sse_queue_size: int = 1024
+    global_child_args: dict[str, str | bool] = Field(default_factory=dict)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = _env(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "on", "yes", "enabled")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelyard",
+        description="Serve many local GGUF models behind one OpenAI-compatible endpoint.",
+    )
+    router = parser.add_argument_group("router")
+    router.add_argument("--host", default=_env("LLAMA_ARG_HOST", "127.0.0.1"))
+    router.add_argument("--port", type=int, default=int(_env("LLAMA_ARG_PORT", "8080") or 8080),
+                        help="0 picks a free port (printed at start)")
+    router.add_argument("--models-preset", default=_env("LLAMA_ARG_MODELS_PRESET"),
+                        help="preset INI file (llama.cpp format)")
+    router.add_argument("--models-dir", default=_env("LLAMA_ARG_MODELS_DIR"),
+                        help="folder of GGUF files, one model per file or sub-folder")
+    router.add_argument("--models-max", type=int, default=int(_env("LLAMA_ARG_MODELS_MAX", "4") or 4),
+                        help="models resident at once, 0 = unlimited; the least recently used idle one "
+                             "is unloaded to make room")
+    router.add_argument("--models-autoload", dest="models_autoload", action="store_true",
+                        default=_env_bool("LLAMA_ARG_MODELS_AUTOLOAD", True))
+    router.add_argument("--no-models-autoload", dest="models_autoload", action="store_false")
+    router.add_argument("--api-key", default=_env("LLAMA_API_KEY"))
+    router.add_argument("--api-key-file", default=_env("LLAMA_ARG_API_KEY_FILE"))
+    router.add_argument("--timeout", "-to", type=float, default=float(_env("LLAMA_ARG_TIMEOUT", "3600") or 3600),
+                        help="seconds a proxied request may wait for the child")
+    router.add_argument("--log-level", default=_env("MODELYARD_LOG_LEVEL", "info"))
+
+    child = parser.add_argument_group("model defaults (passed to every child)")
+    for spec in CHILD_ARGS:
+        if spec.long in ROUTER_OWNED_CHILD_FLAGS:
+            continue
+        names = [f"--{spec.long}"] + [f"-{s}" for s in spec.short]
+        if spec.takes_value:
+            child.add_argument(*names, dest=f"child__{spec.dest}", default=argparse.SUPPRESS,
+                               help=spec.help)
+        else:
+            child.add_argument(*names, dest=f"child__{spec.dest}", action="store_true",
+                               default=argparse.SUPPRESS, help=spec.help)
+    return parser
+
+
+def _spec_by_dest(dest: str) -> ArgSpec:
+    return next(s for s in CHILD_ARGS if s.dest == dest)
+
+
+def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, str]:
+    """Parse the command line; return the settings and the log level."""
+    args = build_parser().parse_args(argv)
+    api_key = args.api_key
+    if args.api_key_file:
+        try:
+            keys = [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
+        except OSError as exc:
+            raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {exc}") from exc
+        if not keys:
+            raise ConfigError(f"--api-key-file {args.api_key_file} holds no key")
+        api_key = keys[0]
+    child_args: dict[str, str | bool] = {}
+    for key, value in vars(args).items():
+        if key.startswith("child__"):
+            spec = _spec_by_dest(key.removeprefix("child__"))
+            child_args[spec.long] = value if isinstance(value, bool) else str(value)
+    sleep = child_args.get("sleep-idle-seconds")
+    env_sleep = _env("LLAMA_ARG_SLEEP_IDLE_SECONDS")
+    if sleep is None and env_sleep is not None:
+        child_args["sleep-idle-seconds"] = env_sleep
+    settings = RouterSettings(
+        host=args.host,
+        port=args.port,
+        models_preset=args.models_preset,
+        models_dir=args.models_dir,
+        models_max=args.models_max,
+        models_autoload=args.models_autoload,
+        sleep_idle_seconds=float(child_args.get("sleep-idle-seconds", -1.0)),
+        api_key=api_key,
+        timeout_s=args.timeout,
+        global_child_args=child_args,
+    )
+    return settings, args.log_level
