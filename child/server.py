@@ -163,6 +163,16 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
             "modalities": {"vision": False, "audio": False},
         }
 
+    @app.get("/slots")
+    async def slots() -> list[dict[str, Any]]:
+        require_ready()
+        scheduler = runtime.scheduler
+        assert scheduler is not None
+        # Read without the scheduler's lock: a snapshot that may be one step old.
+        return [{"id": slot.seq_id, "is_processing": slot.request is not None,
+                 "n_ctx": scheduler.n_ctx_slot, "n_cached": len(slot.cached)}
+                for slot in scheduler.slots]
+
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -7,6 +7,7 @@ Each source yields ModelSpecs; precedence of options is router command line > mo
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class ModelSpec:
     load_on_startup: bool = False
     stop_timeout_s: float = 10.0
     preset_ini: str = ""
+    foreign_bin: tuple[str, ...] = ()  # a llama-server-compatible program; empty = modelyard's child
 
     @property
     def model_value(self) -> str:
@@ -74,8 +76,12 @@ def _make_spec(name: str, source: str, options: dict[str, str | bool], router_op
             raise ConfigError(f"{where}: stop-timeout must be a number of seconds") from exc
         if stop_timeout_s < 0:
             raise ConfigError(f"{where}: stop-timeout must not be negative")
+    try:
+        foreign_bin = tuple(shlex.split(router_options.get("bin", "")))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: bin: {exc}") from exc
     return ModelSpec(
-        name=name, source=source, options=merged,
+        name=name, source=source, options=merged, foreign_bin=foreign_bin,
         aliases=_split_list(merged.get("alias")), tags=_split_list(merged.get("tags")),
         load_on_startup=load_on_startup, stop_timeout_s=stop_timeout_s,
         preset_ini=render_ini(name, {k: v for k, v in merged.items() if k not in _NOT_RENDERED},

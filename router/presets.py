@@ -25,7 +25,13 @@ from router.errors import ConfigError
 GLOBAL_SECTION = "*"
 
 # Keys the router reads itself; they never reach a child's command line.
-PRESET_ONLY_KEYS = ("load-on-startup", "stop-timeout")
+PRESET_ONLY_KEYS = (
+    "load-on-startup",
+    "stop-timeout",
+    # A llama-server-compatible program to run instead of modelyard's child (llama.cpp's own
+    # llama-server, say), split like a shell command line (no shell runs it).
+    "bin",
+)
 
 TRUE_WORDS = {"1", "true", "on", "yes", "enabled"}
 FALSE_WORDS = {"0", "false", "off", "no", "disabled"}

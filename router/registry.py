@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -44,6 +45,7 @@ class ModelRecord:
         self.exit_code: int | None = None
         self.child: ChildProcess | None = None
         self.port: int | None = None
+        self.assigned_port: int | None = None  # picked by the router for a foreign child
         self.meta: dict[str, Any] = {}
         self.args: list[str] = []
         self.in_flight = 0
@@ -240,8 +242,18 @@ class Registry:
                           if is_package_model(model_value) else model_value)
         except ConfigError as exc:
             raise ServerError(f"model '{record.name}': {exc}") from exc
-        argv = [sys.executable, "-m", "child", *record.spec.child_args(model_path),
-                "--host", CHILD_HOST, "--port", "0", "--alias", record.name]
+        if record.spec.foreign_bin:
+            # A foreign child may not report its port: pick one for it (llama.cpp's router does).
+            record.assigned_port = _free_port()
+            program = list(record.spec.foreign_bin)
+            port = str(record.assigned_port)
+        else:
+            # modelyard's child binds port 0 itself and reports the real port: no race.
+            record.assigned_port = None
+            program = [sys.executable, "-m", "child"]
+            port = "0"
+        argv = [*program, *record.spec.child_args(model_path),
+                "--host", CHILD_HOST, "--port", port, "--alias", record.name]
         child = ChildProcess(record.name, argv, self._child_env(),
                              on_state=lambda message: self._on_child_state(record, child, message),
                              on_exit=lambda code: self._on_child_exit(record, child, code))
@@ -290,7 +302,7 @@ class Registry:
                                 progress=float(value) if isinstance(value, int | float) else None)
         elif message.state == ChildState.READY:
             if record.status == ModelStatus.LOADING:
-                port = payload.get("port")
+                port = payload.get("port") or record.assigned_port
                 if not isinstance(port, int) or not 0 < port < 65536:
                     log.error("[%s] ready without a valid port (%r): stopping it", record.name, port)
                     child.kill_now_sync()
@@ -311,3 +323,9 @@ class Registry:
         record.meta = {}
         reason = "(child exited)" if code == 0 else f"(child failed, exit code {code})"
         self.set_status(record, ModelStatus.UNLOADED, reason, exit_code=code)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((CHILD_HOST, 0))
+        return int(sock.getsockname()[1])

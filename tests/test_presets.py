@@ -1,0 +1,146 @@
+"""Preset INI parsing, model sources and the protocol/status tables (no processes needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from child.protocol import ChildState, ProtocolError, encode_state, parse_child_line
+from router.errors import ConfigError
+from router.model_sources import collect_specs, specs_from_models_dir
+from router.model_status import InvalidTransition, ModelStatus, check_transition
+from router.presets import load_preset_file, parse_preset_text
+from router.settings import RouterSettings, settings_from_args
+
+GOOD = """\
+version = 1
+; comment
+[*]
+c = 4096
+LLAMA_ARG_THREADS = 2
+
+[smollm2]
+model = /models/smol.gguf
+alias = small, chat
+load-on-startup = true
+stop-timeout = 3
+jinja = true
+
+[other]
+m = other.gguf
+ctx-size = 1024
+"""
+
+
+def test_preset_parsing_reads_sections_globals_and_short_names(tmp_path: Path) -> None:
+    preset = parse_preset_text(GOOD, tmp_path / "p.ini")
+    assert preset.global_section.options == {"ctx-size": "4096", "threads": "2"}
+    names = [s.name for s in preset.sections]
+    assert names == ["smollm2", "other"]
+    smol = preset.sections[0]
+    assert smol.options["model"] == "/models/smol.gguf"
+    assert smol.options["jinja"] is True
+    assert smol.router_options == {"load-on-startup": "true", "stop-timeout": "3"}
+    assert preset.sections[1].options == {"model": "other.gguf", "ctx-size": "1024"}
+
+
+def test_preset_precedence_router_flags_over_section_over_global(tmp_path: Path) -> None:
+    path = tmp_path / "p.ini"
+    path.write_text(GOOD)
+    settings, _ = settings_from_args(["--models-preset", str(path), "-t", "7"])
+    specs = {s.name: s for s in collect_specs(settings)}
+    smol, other = specs["smollm2"], specs["other"]
+    assert smol.options["ctx-size"] == "4096"  # from [*]
+    assert other.options["ctx-size"] == "1024"  # the section wins over [*]
+    assert smol.options["threads"] == "7" and other.options["threads"] == "7"  # the command line wins
+    assert smol.aliases == ("small", "chat")
+    assert smol.load_on_startup and not other.load_on_startup
+    assert smol.stop_timeout_s == 3.0 and other.stop_timeout_s == 10.0
+    # A relative model path is taken from the preset file's folder.
+    assert other.options["model"] == str(tmp_path / "other.gguf")
+    args = smol.child_args()
+    assert args[args.index("--ctx-size") + 1] == "4096" and "--jinja" in args
+    assert "--alias" not in args
+
+
+@pytest.mark.parametrize(("text", "line", "key"), [
+    ("[a]\nmodel = x.gguf\nctx-sise = 4\n", 3, "ctx-sise"),
+    ("version = 1\n[*]\nbogus_key = 1\n", 3, "bogus_key"),
+    ("[a]\nmodel = x\n\n\nLLAMA_ARG_NOPE = 1\n", 5, "LLAMA_ARG_NOPE"),
+])
+def test_preset_unknown_key_names_file_line_and_key(tmp_path: Path, text: str, line: int, key: str) -> None:
+    path = tmp_path / "bad.ini"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_preset_file(path)
+    assert f"{path}:{line}" in str(info.value)
+    assert f"'{key}'" in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("[a\nmodel = x\n", "missing its ']'"),
+    ("[a]\nmodel x\n", "expected 'key = value'"),
+    ("[a]\nmodel = x\n[a]\nmodel = y\n", "appears twice"),
+    ("version = 2\n", "unsupported preset version"),
+    ("[a]\nmodel = x\njinja = maybe\n", "expected true or false"),
+])
+def test_preset_malformed_files_are_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        parse_preset_text(text, tmp_path / "bad.ini")
+
+
+def test_preset_model_without_path_and_alias_conflicts_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.ini"
+    path.write_text("[a]\nc = 5\n")
+    with pytest.raises(ConfigError, match="has no 'model' key"):
+        collect_specs(RouterSettings(models_preset=str(path)))
+    path.write_text("[a]\nmodel = /x.gguf\n[b]\nmodel = /y.gguf\nalias = a\n")
+    with pytest.raises(ConfigError, match="alias 'a' of model 'b' conflicts"):
+        collect_specs(RouterSettings(models_preset=str(path)))
+
+
+def test_preset_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read preset file"):
+        load_preset_file(tmp_path / "nope.ini")
+
+
+def test_models_dir_lists_files_folders_shards_and_projectors(tmp_path: Path) -> None:
+    (tmp_path / "alpha.gguf").write_bytes(b"x")
+    (tmp_path / "mmproj-alpha.gguf").write_bytes(b"x")
+    (tmp_path / "big-00001-of-00002.gguf").write_bytes(b"x")
+    (tmp_path / "big-00002-of-00002.gguf").write_bytes(b"x")
+    vision = tmp_path / "vision"
+    vision.mkdir()
+    (vision / "model-q4.gguf").write_bytes(b"x")
+    (vision / "mmproj-f16.gguf").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a model")
+    specs = {s.name: s for s in specs_from_models_dir(str(tmp_path), RouterSettings())}
+    assert set(specs) == {"alpha", "big", "vision"}
+    assert specs["big"].options["model"].endswith("big-00001-of-00002.gguf")
+    assert specs["vision"].options["model"].endswith("model-q4.gguf")
+    assert specs["vision"].options["mmproj"].endswith("mmproj-f16.gguf")
+    assert all(s.source == "models_dir" for s in specs.values())
+
+
+def test_protocol_lines_round_trip_and_malformed_lines_raise() -> None:
+    line = encode_state(ChildState.READY, {"port": 1234})
+    message = parse_child_line(line + "\n")
+    assert message is not None and message.state == ChildState.READY and message.payload == {"port": 1234}
+    assert parse_child_line("llama_model_loader: some log") is None
+    for bad in ("cmd_child_to_router:state:{oops", 'cmd_child_to_router:state:{"state":"flying"}',
+                "cmd_child_to_router:state:[1]"):
+        with pytest.raises(ProtocolError):
+            parse_child_line(bad)
+
+
+def test_status_transitions_follow_the_diagram() -> None:
+    allowed = [("unloaded", "loading"), ("loading", "loaded"), ("loading", "unloaded"),
+               ("loaded", "sleeping"), ("sleeping", "loaded"), ("loaded", "unloaded"),
+               ("sleeping", "unloaded"), ("loading", "loading")]
+    for old, new in allowed:
+        check_transition(ModelStatus(old), ModelStatus(new))
+    for old, new in [("unloaded", "loaded"), ("unloaded", "sleeping"), ("loaded", "loading"),
+                     ("sleeping", "loading"), ("unloaded", "unloaded")]:
+        with pytest.raises(InvalidTransition):
+            check_transition(ModelStatus(old), ModelStatus(new))
