@@ -50,7 +50,10 @@ async def _serve(runtime: ChildRuntime, sock: socket.socket) -> int:
         runtime.shutdown()
         server.should_exit = True
 
-    runtime.link.watch_stdin(lambda: loop.call_soon_threadsafe(begin_exit))
+    def on_exit_command() -> None:  # called on the stdin watcher thread
+        loop.call_soon_threadsafe(begin_exit)
+
+    runtime.link.watch_stdin(on_exit_command)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await loop.run_in_executor(None, runtime.load)

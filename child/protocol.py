@@ -62,7 +62,7 @@ def parse_child_line(line: str) -> StateMessage | None:
     if not isinstance(body, dict):
         raise ProtocolError("state line is not a JSON object")
     try:
-        state = ChildState(body.get("state"))
+        state = ChildState(str(body.get("state")))
     except ValueError as exc:
         raise ProtocolError(f"unknown state {body.get('state')!r}") from exc
     payload = body.get("payload") or {}

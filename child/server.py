@@ -53,18 +53,21 @@ class Generation:
                  add_special: bool) -> None:
         self.runtime = runtime
         self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         settings = runtime.settings
         self.request = GenerationRequest(
             prompt=prompt,
             sampling=body.sampling(settings.default_sampling, runtime.n_vocab),
             max_tokens=body.requested_max_tokens(settings.default_max_tokens),
             stop=body.stop_strings(),
-            sink=lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
+            sink=self._sink_from_any_thread,
             ignore_eos=body.ignore_eos,
             cache_prompt=body.cache_prompt,
             add_special=add_special,
         )
+
+    def _sink_from_any_thread(self, event: EngineEvent) -> None:
+        self._loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     async def start(self) -> Accepted:
         """Submit and wait until the engine accepted the prompt (or raise RequestError)."""

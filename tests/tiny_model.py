@@ -39,7 +39,7 @@ def _vocabulary() -> tuple[list[str], list[float], list[int]]:
         tokens.append(word)
         types.append(gguf.TokenType.NORMAL)
     # SentencePiece prefers higher scores: longer pieces first.
-    scores = [0.0 if t != gguf.TokenType.NORMAL else float(len(tok)) for tok, t in zip(tokens, types)]
+    scores = [0.0 if t != gguf.TokenType.NORMAL else float(len(tok)) for tok, t in zip(tokens, types, strict=True)]
     return tokens, scores, [int(t) for t in types]
 
 

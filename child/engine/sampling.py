@@ -42,7 +42,7 @@ class Sampler:
         if params.logit_bias:
             biases = (llama.llama_logit_bias * len(params.logit_bias))()
             for i, (token, bias) in enumerate(params.logit_bias.items()):
-                biases[i].token = token
+                biases[i].token = token  # type: ignore[assignment]  # ctypes converts the int
                 biases[i].bias = bias
             add(self.chain, llama.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
         if params.greedy:

@@ -58,8 +58,8 @@ async def models_sse(request: Request) -> EventSourceResponse:
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         try:
-            for message in snapshot:
-                yield ServerSentEvent(json.dumps(message))
+            for initial in snapshot:
+                yield ServerSentEvent(json.dumps(initial))
             while True:
                 message = await subscription.next()
                 if message is None:

@@ -1,0 +1,33 @@
+# modelyard: `make run` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8080
+PRESET ?= presets/default.ini
+
+.PHONY: install run test lint bench clean
+
+# llama-cpp-python compiles libllama on first install (about 8 minutes on 2 cores); pip keeps the
+# built wheel in its cache, so later installs on the same machine take seconds.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/modelyard --models-preset $(PRESET) --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check router child tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
