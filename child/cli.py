@@ -16,6 +16,7 @@ import sys
 import uvicorn
 
 from child.arguments import CHILD_ARGS, build_parser
+from child.engine.llama_model import set_libllama_verbose
 from child.router_link import RouterLink
 from child.runtime import ChildRuntime, ServeSettings
 from child.server import create_app
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # libllama's own log (the loader's metadata dump, ...) only when asked for with --verbose.
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    set_libllama_verbose(args.verbose)
     link = RouterLink.from_environment()
     if not args.model:
         log.error("no model: pass -m PATH")

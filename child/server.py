@@ -13,11 +13,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from child.engine.chat_template import ChatTemplateError
 from child.engine.requests import Accepted, Delta, Done, EngineEvent, Failed, GenerationRequest
 from child.engine.scheduler import EngineStopped, QueueFull
+from child.metrics import metrics_registry
 from child.openai_schema import (
     ChatCompletionBody,
     CompletionBody,
@@ -165,6 +167,12 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
             },
             "modalities": {"vision": False, "audio": False},
         }
+
+    metrics = metrics_registry(runtime)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/slots")
     async def slots() -> list[dict[str, Any]]:

@@ -200,3 +200,62 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
 def tiny_preset(model: Path, names: list[str], extra: str = "", np: int = 2) -> str:
     sections = "".join(f"[{name}]\nmodel = {model}\n{extra}\n" for name in names)
     return f"version = 1\n[*]\nc = 2048\nnp = {np}\nt = 1\n\n{sections}"
+
+
+class PlainChild:
+    """`python -m child` started by hand (no router): a plain OpenAI-compatible server."""
+
+    def __init__(self, model: Path, *flags: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "LLAMA_SERVER_ROUTER_PORT"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "child", "-m", str(model), "--port", "0", *flags],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        )
+        assert self.proc.stderr is not None
+        self.log: list[str] = []
+        url = ""
+        for line in self.proc.stderr:  # bounded by the test timeout
+            self.log.append(line)
+            if "serving" in line and "http://" in line:
+                url = line.strip().rsplit(" ", 1)[-1]
+                break
+        assert url, "child did not start:\n" + "".join(self.log)
+        self.url = url
+        # Keep draining stderr so the child never blocks on a full pipe.
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr or []), daemon=True).start()
+        self.client = httpx.Client(base_url=url, timeout=120)
+
+    def metric(self, name: str) -> float:
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"metric {name} not found")
+
+    def wait_metric(self, name: str, value: float, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.metric(name) != value:
+            assert time.monotonic() < deadline, f"{name} stayed at {self.metric(name)}, wanted {value}"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def start_child() -> Iterator[Callable[..., PlainChild]]:
+    started: list[PlainChild] = []
+
+    def start(model: Path, *flags: str) -> PlainChild:
+        child = PlainChild(model, *flags)
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        child.stop()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import EventFeed, tiny_preset
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+
 from conftest import EventFeed, fake_bin, tiny_preset
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,24 @@ import llama_cpp as llama
 log = logging.getLogger(__name__)
 
 _backend_ready = False
+
+# ggml log levels (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
+_GGML_WARN, _GGML_ERROR, _GGML_CONT = 3, 4, 5
+_log_state = {"verbose": False, "last_level": 0}
+
+
+@llama.llama_log_callback
+def _libllama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    """libllama's log on stderr: warnings and errors, everything with --verbose."""
+    if level != _GGML_CONT:
+        _log_state["last_level"] = level
+    shown = _log_state["verbose"] or _log_state["last_level"] in (_GGML_WARN, _GGML_ERROR)
+    if shown:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+def set_libllama_verbose(verbose: bool) -> None:
+    _log_state["verbose"] = verbose
 
 
 class ModelLoadError(RuntimeError):
@@ -40,6 +59,7 @@ class ContextSettings:
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
+        llama.llama_log_set(_libllama_log, ctypes.c_void_p(0))
         llama.llama_backend_init()
         _backend_ready = True
 

@@ -64,6 +64,8 @@ class EngineStats:
     requests_total: int = 0
     decode_calls_total: int = 0
     batch_tokens_total: int = 0
+    sequences_decoded_total: int = 0  # sum over decode calls of the sequences sampled in each
+    decode_seconds_total: float = 0.0
     last_batch_size: int = 0
 
 
@@ -108,9 +110,11 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest) -> None:
         with self._cv:
-            if self._stopping:
+            if self._stopping or not self._thread.is_alive():
                 raise EngineStopped("the server is shutting down")
-            if len(self._incoming) + len(self._waiting) >= self.max_queue + self.n_parallel:
+            # Only requests that find no free slot wait in the queue.
+            free_slots = sum(1 for s in self.slots if s.request is None)
+            if len(self._incoming) + len(self._waiting) >= self.max_queue + free_slots:
                 raise QueueFull(f"{self.max_queue} requests are already waiting for a slot")
             self._incoming.append(request)
             self._cv.notify()
@@ -157,6 +161,8 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - the loop must report, not vanish silently
             log.exception("scheduler loop failed")
         finally:
+            with self._cv:
+                self._stopping = True  # no request may wait on a loop that no longer runs
             self._fail_everything("the server is shutting down")
             llama.llama_batch_free(self._batch)
 
@@ -313,10 +319,12 @@ class Scheduler:
                 slot.prompt_pos += len(feed)
         batch.n_tokens = n
 
+        started = time.perf_counter()
         result = llama.llama_decode(self.model.ctx, batch)
         self.stats.decode_calls_total += 1
         self.stats.batch_tokens_total += n
         self.stats.last_batch_size = len(wants_logits)
+        self.stats.sequences_decoded_total += len(wants_logits)
         if result != 0:
             log.error("llama_decode returned %d for a batch of %d tokens", result, n)
             for slot in self.slots:
@@ -326,6 +334,7 @@ class Scheduler:
         self.stats.prompt_tokens_total += sum(chunk.values())
         for slot, index in wants_logits:
             self._on_token(slot, slot.sampler.sample(self.model.ctx, index))  # type: ignore[union-attr]
+        self.stats.decode_seconds_total += time.perf_counter() - started
 
     def _on_token(self, slot: Slot, token: int) -> None:
         assert self.model is not None and slot.request is not None and slot.text is not None

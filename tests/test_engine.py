@@ -1,0 +1,116 @@
+"""The child's engine: batching correctness, seeds, cancellation, queueing, sleep and wake."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import EventFeed, tiny_preset
+
+PROMPTS = [
+    "What is the capital of France?", "Name three colours.", "Count from one to five.",
+    "What is two plus two?", "Say hello in Spanish.", "What is the largest planet?",
+    "Give me a word that rhymes with cat.", "What do bees make?",
+]
+
+
+def _greedy(client: httpx.Client, prompt: str) -> str:
+    response = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 48})
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_engine_full_batch_gives_the_same_text_as_alone(start_child, smollm2_model: Path) -> None:
+    child = start_child(smollm2_model, "-np", "8", "-c", "4096", "-t", "2")
+    alone = [_greedy(child.client, p) for p in PROMPTS]
+    decodes_before = child.metric("llamacpp:n_decode_total")
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: _greedy(child.client, p), PROMPTS))
+    assert together == alone
+    # They really shared decode steps: far fewer decodes than tokens generated.
+    per_decode = child.metric("llamacpp:n_busy_slots_per_decode")
+    assert per_decode > 1.0
+    assert child.metric("llamacpp:n_decode_total") - decodes_before < sum(48 for _ in PROMPTS)
+
+
+def test_engine_same_seed_same_text(start_child, smollm2_model: Path) -> None:
+    child = start_child(smollm2_model, "-np", "2", "-c", "1024", "-t", "2")
+
+    def sample(seed: int) -> str:
+        body = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+                "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": seed, "max_tokens": 32}
+        return str(child.client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"])
+
+    first, again = sample(42), sample(42)
+    assert first == again
+    assert len({sample(s) for s in (1, 2, 3)} | {first}) > 1
+
+
+def test_engine_metrics_parse_and_count_tokens(start_child, tiny_model: Path) -> None:
+    child = start_child(tiny_model, "-np", "2", "-c", "1024", "-t", "1")
+    child.client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 7, "ignore_eos": True})
+    families = {f.name: f for f in text_string_to_metric_families(child.client.get("/metrics").text)}
+    assert families["llamacpp:tokens_predicted"].samples[0].value == 7
+    assert families["llamacpp:prompt_tokens"].samples[0].value > 0
+    assert families["modelyard:slots_total"].samples[0].value == 2
+    assert families["modelyard:kv_cells_used"].samples[0].value > 0
+    assert families["modelyard:is_sleeping"].samples[0].value == 0
+
+
+def test_engine_client_disconnect_frees_the_slot(start_child, smollm2_model: Path) -> None:
+    # SmolLM2 (about 100 tokens/s here) so that 2000 tokens outlast the test by far.
+    child = start_child(smollm2_model, "-np", "1", "-c", "2048", "-t", "2")
+    body = {"prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with child.client.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()  # keep a reference: a collected iterator closes the stream
+        next(line for line in lines if line.startswith("data: "))
+        assert child.metric("modelyard:slots_busy") == 1
+    child.wait_metric("modelyard:slots_busy", 0)
+    generated = child.metric("llamacpp:tokens_predicted_total")
+    assert generated < 2000
+    assert "cancelled: slot 0 freed" in "".join(child.log)
+
+
+def test_engine_full_queue_answers_503_with_retry_after(start_child, smollm2_model: Path) -> None:
+    child = start_child(smollm2_model, "-np", "1", "-c", "2048", "-t", "2", "--max-queue", "1")
+    long_body = {"prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with child.client.stream("POST", "/v1/completions", json=long_body) as first:
+        lines = first.iter_lines()  # keep a reference: a collected iterator closes the stream
+        next(line for line in lines if line.startswith("data: "))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(child.client.post, "/v1/completions",
+                                 json={"prompt": "hi", "max_tokens": 2})
+            child.wait_metric("llamacpp:requests_deferred", 1)
+            refused = child.client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["type"] == "unavailable_error"
+            first.close()  # frees the slot: the queued request runs
+            assert queued.result(60).status_code == 200
+
+
+def test_engine_sleeps_when_idle_and_wakes_through_the_router(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"], extra="sleep-idle-seconds = 0.5\n"))
+    feed = EventFeed(router.url)
+    try:
+        first = router.client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3,
+                                                            "temperature": 0, "ignore_eos": True})
+        assert first.status_code == 200
+        feed.wait_for(lambda e: e["data"].get("status") == "sleeping")
+        assert router.status("tiny") == "sleeping"
+        assert router.client.get("/metrics", params={"model": "tiny", "autoload": "false"}).status_code == 200
+        again = router.client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3,
+                                                            "temperature": 0, "ignore_eos": True})
+        assert again.status_code == 200
+        # The same greedy text before and after the model was released and loaded again.
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        woke = feed.wait_for(lambda e: e["data"].get("status") == "loaded" and "info" not in e["data"])
+        assert woke["event"] == "status_change"
+        assert re.search(r"model tiny sleeping->loaded", router.log_text())
+    finally:
+        feed.close()
