@@ -8,6 +8,7 @@ PORT ?= 8080
 PRESET ?= presets/default.ini
 
 .PHONY: install run test lint bench clean
+BENCH_STAMP := $(VENV)/.bench-installed
 
 # llama-cpp-python compiles libllama on first install (about 8 minutes on 2 cores); pip keeps the
 # built wheel in its cache, so later installs on the same machine take seconds.
@@ -28,6 +29,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check router child tests
 	$(VENV)/bin/mypy
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Compares modelyard's child, the router, llama-cpp-python's server and (with LLAMA_SERVER_BIN or
+# llama-server on PATH) llama.cpp's llama-server on SmolLM2. Takes a few minutes; not part of CI.
+bench: $(BENCH_STAMP)
+	$(PY) bench/compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

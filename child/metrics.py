@@ -36,6 +36,8 @@ class EngineCollector(Collector):
                                   value=stats.generated_tokens_total)
         yield CounterMetricFamily("llamacpp:n_decode", "llama_decode calls", value=stats.decode_calls_total)
         yield CounterMetricFamily("modelyard:requests", "Requests started in a slot", value=stats.requests_total)
+        yield CounterMetricFamily("modelyard:sequences_sampled", "Sum over decode calls of the sequences sampled",
+                                  value=stats.sequences_decoded_total)
         yield CounterMetricFamily("modelyard:decode_seconds", "Seconds spent decoding and sampling",
                                   value=stats.decode_seconds_total)
         busy = scheduler.busy_slots()

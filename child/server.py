@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -17,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from child.engine.chat_template import ChatTemplateError
-from child.engine.requests import Accepted, Delta, Done, EngineEvent, Failed, GenerationRequest
-from child.engine.scheduler import EngineStopped, QueueFull
+from child.engine.requests import Delta, Done, Failed
+from child.generation import Generation
 from child.metrics import metrics_registry
 from child.openai_schema import (
     ChatCompletionBody,
@@ -46,61 +45,6 @@ def error_response(status: int, message: str, error_type: str | None = None,
 def sse(data: dict[str, Any] | str) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
-
-
-class Generation:
-    """One request's trip through the engine, seen from the event loop."""
-
-    def __init__(self, runtime: ChildRuntime, body: GenerationBody, prompt: str | list[int],
-                 add_special: bool) -> None:
-        self.runtime = runtime
-        self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        settings = runtime.settings
-        self.request = GenerationRequest(
-            prompt=prompt,
-            sampling=body.sampling(settings.default_sampling, runtime.n_vocab),
-            max_tokens=body.requested_max_tokens(settings.default_max_tokens),
-            stop=body.stop_strings(),
-            sink=self._sink_from_any_thread,
-            ignore_eos=body.ignore_eos,
-            cache_prompt=body.cache_prompt,
-            add_special=add_special,
-        )
-
-    def _sink_from_any_thread(self, event: EngineEvent) -> None:
-        self._loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    async def start(self) -> Accepted:
-        """Submit and wait until the engine accepted the prompt (or raise RequestError)."""
-        assert self.runtime.scheduler is not None
-        try:
-            self.runtime.scheduler.submit(self.request)
-        except QueueFull as exc:
-            raise RequestError(f"server busy: {exc}", 503, "unavailable_error") from exc
-        except EngineStopped as exc:
-            raise RequestError(str(exc), 503, "unavailable_error") from exc
-        try:
-            first = await self.events.get()
-        except asyncio.CancelledError:
-            self.request.cancel()
-            raise
-        if isinstance(first, Failed):
-            raise RequestError(first.message, first.status, first.error_type)
-        assert isinstance(first, Accepted)
-        return first
-
-    async def events_until_done(self) -> AsyncIterator[Delta | Done | Failed]:
-        try:
-            while True:
-                event = await self.events.get()
-                assert not isinstance(event, Accepted)
-                yield event
-                if isinstance(event, Done | Failed):
-                    return
-        finally:
-            # Normal end, client gone or server stopping: the slot is freed within one step.
-            self.request.cancel()
 
 
 def usage_of(done: Done) -> dict[str, Any]:
@@ -255,12 +199,20 @@ async def _generate(runtime: ChildRuntime, body: GenerationBody, prompt: str | l
             choice["logprobs"] = None
         return {**base, "object": chunk_object, "choices": [choice]}
 
+    # A delta chunk is rendered once per token per stream: split the JSON around the text once,
+    # so each token costs one json.dumps of a short string instead of a whole nested dict.
+    marker = "\u0000delta\u0000"
+    head, tail = sse(chunk(marker, None)).decode().split(json.dumps(marker))
+
+    def delta_bytes(text: str) -> bytes:
+        return (head + json.dumps(text, ensure_ascii=False) + tail).encode()
+
     async def stream() -> AsyncIterator[bytes]:
         if chat:
             yield sse(chunk("", None, first=True))
         async for event in generation.events_until_done():
             if isinstance(event, Delta):
-                yield sse(chunk(event.text, None))
+                yield delta_bytes(event.text)
             elif isinstance(event, Failed):
                 yield sse({"error": {"code": event.status, "message": event.message,
                                      "type": event.error_type}})

@@ -30,8 +30,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["bench"]:
+        from router import bench
+
+        bench.main(args[1:])
+        return
     try:
-        settings, log_level = settings_from_args(argv)
+        settings, log_level = settings_from_args(args)
     except ConfigError as exc:
         print(f"modelyard: {exc}", file=sys.stderr)
         sys.exit(2)
