@@ -21,6 +21,7 @@ from child.engine.sampling import SamplingParams
 from child.engine.scheduler import Scheduler
 from child.protocol import ChildState
 from child.router_link import RouterLink
+from child.stream_sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class ServeSettings:
     sleep_idle_s: float
     batch_window_s: float
     max_queue: int
+    stream_buffer_bytes: int
+    stream_ttl_s: float
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
@@ -63,6 +66,8 @@ class ServeSettings:
             sleep_idle_s=args.sleep_idle_seconds,
             batch_window_s=args.batch_window_ms / 1000.0,
             max_queue=args.max_queue,
+            stream_buffer_bytes=args.stream_buffer_bytes,
+            stream_ttl_s=args.stream_ttl_seconds,
         )
 
 
@@ -79,6 +84,7 @@ class ChildRuntime:
         self.template: ChatTemplate | None = None
         self.template_source: str | None = None
         self.n_vocab: int | None = None
+        self.sessions = SessionStore(settings.stream_buffer_bytes, settings.stream_ttl_s)
         self._last_progress_sent = -1.0
         self._progress_lock = threading.Lock()
 
@@ -138,5 +144,6 @@ class ChildRuntime:
         self.link.announce(ChildState.READY, {})
 
     def shutdown(self) -> None:
+        self.sessions.close()
         if self.scheduler is not None:
             self.scheduler.stop()

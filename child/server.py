@@ -28,6 +28,7 @@ from child.openai_schema import (
 )
 from child.protocol import ChildState
 from child.runtime import ChildRuntime
+from child.stream_routes import SSE_HEADERS, build_router, conversation_id_of
 
 log = logging.getLogger(__name__)
 
@@ -141,20 +142,23 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
         except ChatTemplateError as exc:
             raise RequestError(str(exc)) from exc
         # The template writes BOS itself when the model wants one.
-        return await _generate(runtime, body, prompt, add_special=False, chat=True)
+        return await _generate(runtime, body, prompt, add_special=False, chat=True,
+                               conversation_id=conversation_id_of(request))
 
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions(request: Request) -> Response:
         require_ready()
         body = parse_body(await request.body(), CompletionBody)
-        return await _generate(runtime, body, body.prompt_value(), add_special=True, chat=False)
+        return await _generate(runtime, body, body.prompt_value(), add_special=True, chat=False,
+                               conversation_id=conversation_id_of(request))
 
+    app.include_router(build_router(runtime))
     return app
 
 
 async def _generate(runtime: ChildRuntime, body: GenerationBody, prompt: str | list[int],
-                    add_special: bool, chat: bool) -> Response:
+                    add_special: bool, chat: bool, conversation_id: str | None) -> Response:
     generation = Generation(runtime, body, prompt, add_special)
     await generation.start()
     completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -225,5 +229,8 @@ async def _generate(runtime: ChildRuntime, body: GenerationBody, prompt: str | l
                     yield sse({**base, "object": chunk_object, "choices": [], "usage": usage_of(event)})
                 yield sse("[DONE]")
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if conversation_id is not None:
+        # Resumable: the generation feeds the conversation's session and outlives this client.
+        session = runtime.sessions.start(conversation_id, stream())
+        return StreamingResponse(session.follow(0), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

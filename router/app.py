@@ -12,12 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.auth import ApiKeyMiddleware
+from router.conversations import ConversationMap
 from router.errors import RouterError, error_json
 from router.events import EventHub
 from router.model_sources import ModelSpec
 from router.proxy import make_client
 from router.registry import Registry
-from router.routes import health, models, openai
+from router.routes import health, models, openai, streams
 from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     app = FastAPI(title="modelyard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.registry = registry
+    app.state.conversations = ConversationMap()
 
     @app.exception_handler(RouterError)
     async def _router_error(_: Request, exc: RouterError) -> Response:
@@ -67,6 +69,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(openai.router)
+    app.include_router(streams.router)
 
     @app.get("/{path:path}", include_in_schema=False)
     async def _get_with_model(request: Request, path: str) -> Response:

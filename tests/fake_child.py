@@ -4,7 +4,8 @@
 It is started by the router through a preset's `bin = ` key, exactly like llama.cpp's
 llama-server (it gets --host, --port and --alias), and serves a fake streaming chat completion.
 Flags make it misbehave on purpose: --load-delay S, --crash-after S (exit 3 that long after ready),
---fail-load (exit 1 while loading), --ignore-exit (ignore the exit command), --garbage (print
+--fail-load (exit 1 while loading), --slow-load-if FILE (load for 60 s while FILE exists),
+--ignore-exit (ignore the exit command), --garbage (print
 junk and half protocol lines on stdout), --token-delay S and --tokens N for the stream.
 Standard library only, so it runs under any python3.
 """
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--load-delay", type=float, default=0.0)
     parser.add_argument("--crash-after", type=float, default=-1.0)
     parser.add_argument("--fail-load", action="store_true")
+    parser.add_argument("--slow-load-if", default=None, help="load for 60 s when this file exists")
     parser.add_argument("--ignore-exit", action="store_true")
     parser.add_argument("--garbage", action="store_true")
     parser.add_argument("--token-delay", type=float, default=0.01)
@@ -60,6 +62,8 @@ def main() -> None:
         sys.stdout.flush()
     announce("loading", {"stages": ["text_model"], "current": "text_model", "value": 0.0})
     time.sleep(args.load_delay)
+    if args.slow_load_if and os.path.exists(args.slow_load_if):
+        time.sleep(60)
     if args.fail_load:
         print("fake child: load failed on purpose", file=sys.stderr, flush=True)
         os._exit(1)

@@ -17,9 +17,16 @@ PROXIED_POSTS = (
 )
 
 
+CONVERSATION_HEADER = "x-conversation-id"
+
+
 async def proxy_post(request: Request) -> Response:
     raw, data = await json_body(request)
     lease = await registry_of(request).acquire(model_field(data), autoload_of(request))
+    conversation_id = request.headers.get(CONVERSATION_HEADER)
+    if conversation_id and data.get("stream") is True:
+        # Later GET/DELETE /v1/stream calls for this conversation go to the same child.
+        request.app.state.conversations.remember(conversation_id.strip(), lease.record.name)
     return await relay(request.app.state.http, lease, "POST", request.url.path, request.url.query,
                        request.headers.items(), raw)
 

@@ -1,0 +1,154 @@
+"""Resumable streams: llama.cpp's SSE replay buffer.
+
+A streaming request with `X-Conversation-Id: <id>` writes its SSE bytes into that conversation's
+session instead of straight to the client, and keeps generating when the client goes away. Any
+number of readers follow a session from an absolute byte offset: what is still buffered is
+replayed, then live bytes follow until the generation ends. The buffer is capped (oldest bytes
+dropped; a reader asking for a dropped offset is told to restart). One conversation has at most
+one live session: a new one cancels the old. Finished sessions expire after a TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class OffsetLost(Exception):
+    """The asked offset is older than the buffer's oldest byte."""
+
+
+class StreamSession:
+    def __init__(self, conversation_id: str, cap_bytes: int) -> None:
+        self.conversation_id = conversation_id
+        self.cap_bytes = cap_bytes
+        self.started_at = time.time()
+        self.completed_at: float | None = None
+        self._buffer = bytearray()
+        self._dropped = 0  # absolute offset of _buffer[0]
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return self._dropped + len(self._buffer)
+
+    @property
+    def is_done(self) -> bool:
+        return self.completed_at is not None
+
+    def append(self, data: bytes) -> None:
+        self._buffer += data
+        overflow = len(self._buffer) - self.cap_bytes
+        if overflow > 0:
+            del self._buffer[:overflow]
+            self._dropped += overflow
+        self._wake()
+
+    def finish(self) -> None:
+        if self.completed_at is None:
+            self.completed_at = time.time()
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def check_offset(self, offset: int) -> None:
+        if offset < self._dropped:
+            raise OffsetLost(offset)
+
+    async def follow(self, offset: int) -> AsyncIterator[bytes]:
+        """Bytes from `offset` on, live until the session ends. Raises OffsetLost."""
+        while True:
+            self.check_offset(offset)
+            if offset < self.total_bytes:
+                data = bytes(self._buffer[offset - self._dropped:])
+                offset += len(data)
+                yield data
+                continue
+            if self.is_done:
+                return
+            await self._changed.wait()
+
+    def describe(self) -> dict[str, Any]:
+        return {"conversation_id": self.conversation_id, "is_done": self.is_done,
+                "total_bytes": self.total_bytes, "started_at": self.started_at,
+                "completed_at": self.completed_at}
+
+
+class SessionStore:
+    def __init__(self, cap_bytes: int, ttl_s: float) -> None:
+        self.cap_bytes = cap_bytes
+        self.ttl_s = ttl_s
+        self._sessions: dict[str, StreamSession] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def get(self, conversation_id: str) -> StreamSession | None:
+        self._expire()
+        return self._sessions.get(conversation_id)
+
+    def start(self, conversation_id: str, source: AsyncIterator[bytes]) -> StreamSession:
+        """A new session fed by `source` in the background; replaces (and cancels) an older one."""
+        self.cancel(conversation_id)
+        session = StreamSession(conversation_id, self.cap_bytes)
+        session.task = asyncio.create_task(self._pump(session, source), name=f"stream-{conversation_id}")
+        self._sessions[conversation_id] = session
+        self._ensure_sweeper()
+        return session
+
+    async def _pump(self, session: StreamSession, source: AsyncIterator[bytes]) -> None:
+        try:
+            async for chunk in source:
+                session.append(chunk)
+        except asyncio.CancelledError:
+            log.info("stream %s cancelled after %d bytes", session.conversation_id, session.total_bytes)
+            raise
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()  # frees the engine slot at once
+            session.finish()
+
+    def cancel(self, conversation_id: str) -> bool:
+        """Stop a conversation's generation; True if there was a session."""
+        session = self._sessions.pop(conversation_id, None)
+        if session is None:
+            return False
+        if session.task is not None and not session.task.done():
+            session.task.cancel()
+        session.finish()
+        return True
+
+    def lookup(self, conversation_ids: list[str]) -> list[dict[str, Any]]:
+        self._expire()
+        return [self._sessions[cid].describe() for cid in conversation_ids if cid in self._sessions]
+
+    def _expire(self) -> None:
+        now = time.time()
+        for cid, session in list(self._sessions.items()):
+            if session.completed_at is not None and now - session.completed_at > self.ttl_s:
+                del self._sessions[cid]
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="stream-sweeper")
+
+    async def _sweep(self) -> None:
+        # Removes expired sessions even when nobody asks; ends when there is nothing left to watch.
+        while self._sessions:
+            await asyncio.sleep(min(self.ttl_s, 30.0) / 2 or 0.1)
+            self._expire()
+
+    def close(self) -> None:
+        for cid in list(self._sessions):
+            self.cancel(cid)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
