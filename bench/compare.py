@@ -83,7 +83,9 @@ def targets(args: argparse.Namespace, model: str, log_dir: Path) -> list[tuple[s
     if probe.returncode == 0:
         found.append(("llama-cpp-python server", [
             lcp_python, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(args.threads),
-            "--n_ctx", str(args.ctx), "--host", "127.0.0.1", "--port", "{port}"], None, "llama-cpp-python"))
+            "--n_ctx", str(args.ctx), "--host", "127.0.0.1", "--port", "{port}",
+            # By default it aborts the running stream when a new request arrives: queue them instead.
+            "--interrupt_requests", "False"], None, "llama-cpp-python"))
     return found
 
 

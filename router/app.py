@@ -15,6 +15,7 @@ from router.auth import ApiKeyMiddleware
 from router.conversations import ConversationMap
 from router.errors import RouterError, error_json
 from router.events import EventHub
+from router.idle_reaper import reap_idle_models
 from router.model_sources import ModelSpec
 from router.proxy import make_client
 from router.registry import Registry
@@ -34,6 +35,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
         app.state.http = make_client(settings)
         startup = [asyncio.create_task(_load_on_startup(registry, r.name))
                    for r in registry.records.values() if r.spec.load_on_startup]
+        startup.append(asyncio.create_task(reap_idle_models(registry), name="idle-reaper"))
         try:
             yield
         finally:

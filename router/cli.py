@@ -9,6 +9,7 @@ import sys
 
 import uvicorn
 
+from router.admission import check_startup_fit
 from router.app import create_app
 from router.errors import ConfigError
 from router.model_sources import collect_specs
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         specs = collect_specs(settings)
+        check_startup_fit(settings, specs)
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(2)

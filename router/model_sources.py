@@ -35,6 +35,15 @@ class ModelSpec:
     stop_timeout_s: float = 10.0
     preset_ini: str = ""
     foreign_bin: tuple[str, ...] = ()  # a llama-server-compatible program; empty = modelyard's child
+    foreign_cmd: tuple[str, ...] = ()  # any OpenAI-compatible server (no protocol), with ${PORT}/${MODEL}
+    check_endpoint: str = "/health"
+    load_timeout_s: float = 600.0
+    pinned: bool = False
+    ttl_s: float | None = None  # None: the router's --models-ttl
+
+    @property
+    def speaks_protocol(self) -> bool:
+        return not self.foreign_cmd
 
     @property
     def model_value(self) -> str:
@@ -62,28 +71,46 @@ def _split_list(value: str | bool | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def _seconds(router_options: dict[str, str], key: str, default: float, where: str) -> float:
+    if key not in router_options:
+        return default
+    try:
+        value = float(router_options[key])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {key} must be a number of seconds") from exc
+    if value < 0 and key != "ttl":
+        raise ConfigError(f"{where}: {key} must not be negative")
+    return value
+
+
+def _command(router_options: dict[str, str], key: str, where: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(router_options.get(key, "")))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from exc
+
+
 def _make_spec(name: str, source: str, options: dict[str, str | bool], router_options: dict[str, str],
                settings: RouterSettings, where: str) -> ModelSpec:
     merged = {**options, **settings.global_child_args}
-    if not merged.get("model"):
+    foreign_cmd = _command(router_options, "cmd", where)
+    if not merged.get("model") and not foreign_cmd:
         raise ConfigError(f"{where}: model [{name}] has no 'model' key (path to a GGUF file)")
-    load_on_startup = parse_bool(router_options.get("load-on-startup", "false"), where)
-    stop_timeout_s = settings.stop_timeout_s
-    if "stop-timeout" in router_options:
-        try:
-            stop_timeout_s = float(router_options["stop-timeout"])
-        except ValueError as exc:
-            raise ConfigError(f"{where}: stop-timeout must be a number of seconds") from exc
-        if stop_timeout_s < 0:
-            raise ConfigError(f"{where}: stop-timeout must not be negative")
-    try:
-        foreign_bin = tuple(shlex.split(router_options.get("bin", "")))
-    except ValueError as exc:
-        raise ConfigError(f"{where}: bin: {exc}") from exc
+    foreign_bin = _command(router_options, "bin", where)
+    if foreign_bin and foreign_cmd:
+        raise ConfigError(f"{where}: model [{name}] has both bin and cmd; choose one")
+    check_endpoint = router_options.get("check-endpoint", "/health")
+    if not check_endpoint.startswith("/"):
+        raise ConfigError(f"{where}: check-endpoint must be a path starting with /")
     return ModelSpec(
-        name=name, source=source, options=merged, foreign_bin=foreign_bin,
+        name=name, source=source, options=merged, foreign_bin=foreign_bin, foreign_cmd=foreign_cmd,
+        check_endpoint=check_endpoint,
+        load_timeout_s=_seconds(router_options, "load-timeout", 600.0, where),
+        pinned=parse_bool(router_options.get("pin", "false"), where),
+        ttl_s=_seconds(router_options, "ttl", -1.0, where) if "ttl" in router_options else None,
         aliases=_split_list(merged.get("alias")), tags=_split_list(merged.get("tags")),
-        load_on_startup=load_on_startup, stop_timeout_s=stop_timeout_s,
+        load_on_startup=parse_bool(router_options.get("load-on-startup", "false"), where),
+        stop_timeout_s=_seconds(router_options, "stop-timeout", settings.stop_timeout_s, where),
         preset_ini=render_ini(name, {k: v for k, v in merged.items() if k not in _NOT_RENDERED},
                               router_options),
     )

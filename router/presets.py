@@ -31,6 +31,15 @@ PRESET_ONLY_KEYS = (
     # A llama-server-compatible program to run instead of modelyard's child (llama.cpp's own
     # llama-server, say), split like a shell command line (no shell runs it).
     "bin",
+    # Any OpenAI-compatible server, with ${PORT} and ${MODEL} macros; ready when check-endpoint
+    # answers 200, given up after load-timeout seconds.
+    "cmd",
+    "check-endpoint",
+    "load-timeout",
+    # Never evicted to make room.
+    "pin",
+    # Unloaded after this many seconds without requests (overrides --models-ttl).
+    "ttl",
 )
 
 TRUE_WORDS = {"1", "true", "on", "yes", "enabled"}

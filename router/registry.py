@@ -21,10 +21,12 @@ import time
 from typing import Any
 
 from child.protocol import ROUTER_PORT_ENV, ChildState, StateMessage
+from router.admission import Admission
 from router.bundled_models import is_package_model, resolve_package_model
 from router.child_process import ChildProcess
-from router.errors import ConfigError, InvalidRequest, NotFound, ServerError
+from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, Unavailable
 from router.events import EventHub
+from router.memory import tree_rss_bytes
 from router.model_sources import ModelSpec
 from router.model_status import ModelStatus, check_transition
 from router.settings import RouterSettings
@@ -48,11 +50,14 @@ class ModelRecord:
         self.assigned_port: int | None = None  # picked by the router for a foreign child
         self.meta: dict[str, Any] = {}
         self.args: list[str] = []
+        self.resolved_model_path: str | None = None
         self.in_flight = 0
         self.last_used = 0.0
         self.lock = asyncio.Lock()
         # Settled when a load ends: None = ready, an int = the child exited with that code.
         self.ready: asyncio.Future[int | None] | None = None
+        # Set while one request is getting this model admitted; others wait on it, not in the queue.
+        self.admitting: asyncio.Future[None] | None = None
 
     @property
     def name(self) -> str:
@@ -75,6 +80,8 @@ class ModelRecord:
         }
         if self.status.is_running and self.meta:
             entry["meta"] = self.meta
+        if self.child is not None and self.child.pid is not None:
+            entry["memory"] = {"rss_bytes": tree_rss_bytes(self.child.pid)}
         return entry
 
 
@@ -98,8 +105,9 @@ class Registry:
         self.events = events
         self.router_port = 0
         self.records: dict[str, ModelRecord] = {spec.name: ModelRecord(spec) for spec in specs}
-        self._admission = asyncio.Lock()
-        self._room_changed = asyncio.Event()
+        self._room_changed_event = asyncio.Event()
+        self.admission = Admission(self)
+        self.evictions_total = 0
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -145,6 +153,8 @@ class Registry:
             if progress is not None:
                 data["progress"] = progress
             self.events.publish(record.name, "status_change", data)
+        if new == ModelStatus.LOADED:
+            record.last_used = time.monotonic()  # idle time counts from when it could first serve
         if record.ready is not None and not record.ready.done():
             if new.can_serve:
                 record.ready.set_result(None)
@@ -153,8 +163,12 @@ class Registry:
         self._notify_room()
 
     def _notify_room(self) -> None:
-        changed, self._room_changed = self._room_changed, asyncio.Event()
+        changed, self._room_changed_event = self._room_changed_event, asyncio.Event()
         changed.set()
+
+    async def room_changed(self) -> None:
+        """Wait until a model changes status or becomes idle."""
+        await self._room_changed_event.wait()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -210,38 +224,45 @@ class Registry:
             await self._stop(record)
 
     async def _start(self, record: ModelRecord) -> None:
-        async with self._admission:
-            if record.status != ModelStatus.UNLOADED:
-                return
-            await self._make_room(record)
-            async with record.lock:
-                if record.status == ModelStatus.UNLOADED:
-                    await self._spawn(record)
+        """Get the model admitted and its child spawned; concurrent callers share one attempt."""
+        if record.admitting is not None:
+            await asyncio.shield(record.admitting)
+            return
+        admission = self.admission
+        if admission.queued >= self.settings.models_queue:
+            raise Unavailable(f"{admission.queued} loads are already waiting for room (--models-queue)",
+                              headers={"Retry-After": "1"})
+        admitting = record.admitting = asyncio.get_running_loop().create_future()
+        try:
+            admission.queued += 1
+            try:
+                await admission.lock.acquire()  # a client that leaves here costs nothing
+            finally:
+                admission.queued -= 1
+            try:
+                if record.status != ModelStatus.UNLOADED:
+                    return
+                model_path = await self._resolve_model_path(record)
+                await admission.make_room(record, model_path)
+                async with record.lock:
+                    if record.status == ModelStatus.UNLOADED:
+                        await self._spawn(record, model_path)
+            finally:
+                admission.lock.release()
+        finally:
+            record.admitting = None
+            admitting.set_result(None)
 
-    async def _make_room(self, target: ModelRecord) -> None:
-        """Evict least recently used idle models until one more child fits under --models-max."""
-        limit = self.settings.models_max
-        while limit > 0:
-            running = [r for r in self.records.values() if r.status.is_running and r is not target]
-            if len(running) < limit:
-                return
-            idle = [r for r in running if r.in_flight == 0 and r.status.can_serve]
-            if idle:
-                victim = min(idle, key=lambda r: r.last_used)
-                log.info("evicting %s (least recently used) to make room for %s", victim.name, target.name)
-                async with victim.lock:
-                    await self._stop(victim)
-                continue
-            # Every resident model is busy or still loading: wait until one becomes idle.
-            await self._room_changed.wait()
-
-    async def _spawn(self, record: ModelRecord) -> None:
+    async def _resolve_model_path(self, record: ModelRecord) -> str:
         model_value = record.spec.model_value
         try:
-            model_path = (await asyncio.to_thread(resolve_package_model, model_value)
-                          if is_package_model(model_value) else model_value)
+            return (await asyncio.to_thread(resolve_package_model, model_value)
+                    if is_package_model(model_value) else model_value)
         except ConfigError as exc:
             raise ServerError(f"model '{record.name}': {exc}") from exc
+
+    async def _spawn(self, record: ModelRecord, model_path: str) -> None:
+        record.resolved_model_path = model_path
         if record.spec.foreign_bin:
             # A foreign child may not report its port: pick one for it (llama.cpp's router does).
             record.assigned_port = _free_port()
@@ -272,6 +293,9 @@ class Registry:
         env[ROUTER_PORT_ENV] = str(self.router_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
+
+    async def stop_child(self, record: ModelRecord) -> None:
+        await self._stop(record)
 
     async def _stop(self, record: ModelRecord) -> None:
         child = record.child

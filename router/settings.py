@@ -29,6 +29,10 @@ class RouterSettings(BaseModel):
     sleep_idle_seconds: float = -1.0
     api_key: str | None = None
     timeout_s: float = 3600.0  # read timeout for a proxied request
+    models_queue: int = Field(default=64, ge=0)  # loads waiting for room before 503
+    models_ttl_s: float = -1.0  # idle seconds before a model is unloaded; -1 = never
+    memory_reserve_mb: float = 512.0  # kept free when admitting a model
+    hf_token: str | None = None
     stop_timeout_s: float = 10.0  # exit command -> SIGKILL of the child's process group
     child_connect_timeout_s: float = 10.0
     sse_ping_interval_s: float = 15.0
@@ -71,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--api-key-file", default=_env("LLAMA_ARG_API_KEY_FILE"))
     router.add_argument("--timeout", "-to", type=float, default=float(_env("LLAMA_ARG_TIMEOUT", "3600") or 3600),
                         help="seconds a proxied request may wait for the child")
+    router.add_argument("--models-queue", type=int, default=int(_env("LLAMA_ARG_MODELS_QUEUE", "64") or 64),
+                        help="requests that may wait for a model to get room before 503")
+    router.add_argument("--models-ttl", type=float, default=float(_env("LLAMA_ARG_MODELS_TTL", "-1") or -1),
+                        help="unload a model after this many idle seconds; -1 = never (preset key: ttl)")
+    router.add_argument("--memory-reserve-mb", type=float,
+                        default=float(_env("MODELYARD_MEMORY_RESERVE_MB", "512") or 512),
+                        help="memory kept free when admitting a model")
+    router.add_argument("--hf-token", default=_env("HF_TOKEN"))
     router.add_argument("--log-level", default=_env("MODELYARD_LOG_LEVEL", "info"))
 
     child = parser.add_argument_group("model defaults (passed to every child)")
@@ -122,6 +134,10 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
         sleep_idle_seconds=float(child_args.get("sleep-idle-seconds", -1.0)),
         api_key=api_key,
         timeout_s=args.timeout,
+        models_queue=args.models_queue,
+        models_ttl_s=args.models_ttl,
+        memory_reserve_mb=args.memory_reserve_mb,
+        hf_token=args.hf_token,
         global_child_args=child_args,
     )
     return settings, args.log_level

@@ -31,7 +31,7 @@ def test_router_models_max_1_swaps_models(start_router, tiny_model: Path) -> Non
     assert _chat(router, "a").status_code == 200
     assert _chat(router, "b").status_code == 200
     assert router.status("a") == "unloaded" and router.status("b") == "loaded"
-    assert "evicting a (least recently used) to make room for b" in router.log_text()
+    assert "evicting a (least recently used, --models-max) to make room for b" in router.log_text()
     assert len(router.children()) == 1
 
 

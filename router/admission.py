@@ -1,0 +1,111 @@
+"""Admission: may one more child start, and whom to evict so that it can.
+
+Two limits: --models-max resident children, and memory (the model's estimated size must fit in
+what psutil reports as available, less a reserve). To make room, the least recently used idle
+model is stopped; pinned models and models with a request in flight are never evicted. When
+nothing can be evicted yet, the load waits (in FIFO order: the admission lock is fair) until a
+model becomes idle; when nothing could ever make it fit, it is refused at once with the numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from router.bundled_models import PACKAGE_PREFIX, resolve_package_model
+from router.errors import ConfigError, Unavailable
+from router.memory import MIB, available_bytes, estimate_model_bytes, tree_rss_bytes
+from router.model_sources import ModelSpec
+from router.settings import RouterSettings
+
+if TYPE_CHECKING:
+    from router.registry import ModelRecord, Registry
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_CTX = 4096  # the child's default -c
+
+
+def context_of(spec: ModelSpec) -> int:
+    try:
+        return int(str(spec.options.get("ctx-size", DEFAULT_CTX)))
+    except ValueError:
+        return DEFAULT_CTX
+
+
+class Admission:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.settings = registry.settings
+        self.lock = asyncio.Lock()  # FIFO: asyncio.Lock wakes waiters in arrival order
+        self.queued = 0
+
+    def estimate_bytes(self, record: ModelRecord, model_path: str | None = None) -> int | None:
+        path = model_path or record.resolved_model_path or record.spec.model_value
+        if not path or path.startswith("pkg:"):
+            return None
+        return estimate_model_bytes(path, context_of(record.spec))
+
+    def resident_bytes(self, record: ModelRecord) -> int:
+        """What stopping this model would give back: its measured RSS, else its estimate."""
+        if record.child is not None and record.child.pid is not None:
+            rss = tree_rss_bytes(record.child.pid)
+            if rss:
+                return rss
+        return self.estimate_bytes(record) or 0
+
+    async def make_room(self, target: ModelRecord, model_path: str | None) -> None:
+        limit = self.settings.models_max
+        reserve = int(self.settings.memory_reserve_mb * MIB)
+        need = self.estimate_bytes(target, model_path)
+        records = self.registry.records.values()
+        while True:
+            running = [r for r in records if r.status.is_running and r is not target]
+            too_many = limit > 0 and len(running) >= limit
+            shortfall = need - (available_bytes() - reserve) if need is not None else 0
+            if not too_many and shortfall <= 0:
+                return
+            evictable = [r for r in running if not r.spec.pinned]
+            if too_many and not evictable:
+                raise Unavailable(f"cannot load '{target.name}': all {len(running)} resident models are pinned "
+                                  f"(--models-max {limit})")
+            if shortfall > 0:
+                could_free = sum(self.resident_bytes(r) for r in evictable)
+                if shortfall > could_free:
+                    raise Unavailable(
+                        f"cannot load '{target.name}': it needs about {need // MIB} MiB, "  # type: ignore[operator]
+                        f"{available_bytes() // MIB} MiB are available, {reserve // MIB} MiB are kept in "
+                        f"reserve, and evicting every idle unpinned model would free only {could_free // MIB} MiB",
+                        headers={"Retry-After": "10"})
+            idle = [r for r in evictable if r.in_flight == 0 and r.status.can_serve]
+            if idle:
+                victim = min(idle, key=lambda r: r.last_used)
+                why = "--models-max" if too_many else "memory"
+                log.info("evicting %s (least recently used, %s) to make room for %s", victim.name, why, target.name)
+                self.registry.evictions_total += 1
+                async with victim.lock:
+                    await self.registry.stop_child(victim)
+                continue
+            # Every candidate is busy or still loading: wait until one becomes idle.
+            await self.registry.room_changed()
+
+
+def check_startup_fit(settings: RouterSettings, specs: list[ModelSpec]) -> None:
+    """Refuse to start when the load-on-startup models cannot all be resident at once."""
+    eager = [s for s in specs if s.load_on_startup]
+    if settings.models_max > 0 and len(eager) > settings.models_max:
+        raise ConfigError(f"{len(eager)} models have load-on-startup ({', '.join(s.name for s in eager)}) but "
+                          f"--models-max is {settings.models_max}: raise it or start fewer models")
+    need = 0
+    for spec in eager:
+        path = spec.model_value
+        if path.startswith(PACKAGE_PREFIX) and "/" in path:
+            path = resolve_package_model(path)  # a file inside a package: no assembly needed
+        need += estimate_model_bytes(path, context_of(spec)) or 0
+    room = available_bytes() - int(settings.memory_reserve_mb * MIB)
+    if need > room:
+        raise ConfigError(f"the load-on-startup models need about {need // MIB} MiB together, but only "
+                          f"{max(room, 0) // MIB} MiB are available after the {settings.memory_reserve_mb:.0f} MiB "
+                          "reserve: start fewer models at once or lower --memory-reserve-mb")
