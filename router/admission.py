@@ -61,6 +61,7 @@ class Admission:
         reserve = int(self.settings.memory_reserve_mb * MIB)
         need = self.estimate_bytes(target, model_path)
         records = self.registry.records.values()
+        announced_wait = False
         while True:
             running = [r for r in records if r.status.is_running and r is not target]
             too_many = limit > 0 and len(running) >= limit
@@ -89,6 +90,9 @@ class Admission:
                     await self.registry.stop_child(victim)
                 continue
             # Every candidate is busy or still loading: wait until one becomes idle.
+            if not announced_wait:
+                log.info("load of %s waits for room: every resident model is busy", target.name)
+                announced_wait = True
             await self.registry.room_changed()
 
 
@@ -105,7 +109,7 @@ def check_startup_fit(settings: RouterSettings, specs: list[ModelSpec]) -> None:
             path = resolve_package_model(path)  # a file inside a package: no assembly needed
         need += estimate_model_bytes(path, context_of(spec)) or 0
     room = available_bytes() - int(settings.memory_reserve_mb * MIB)
-    if need > room:
+    if eager and need > room:
         raise ConfigError(f"the load-on-startup models need about {need // MIB} MiB together, but only "
                           f"{max(room, 0) // MIB} MiB are available after the {settings.memory_reserve_mb:.0f} MiB "
                           "reserve: start fewer models at once or lower --memory-reserve-mb")

@@ -45,6 +45,13 @@ class UpstreamFailed(RouterError):
     error_type = "server_error"
 
 
+class ClientGone(RouterError):
+    """The client disconnected while its request waited; nobody reads this answer."""
+
+    status = 499
+    error_type = "invalid_request_error"
+
+
 class Unavailable(RouterError):
     status = 503
     error_type = "unavailable_error"

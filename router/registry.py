@@ -229,27 +229,27 @@ class Registry:
             await asyncio.shield(record.admitting)
             return
         admission = self.admission
+        # The queue is every load waiting for room: for the admission lock or inside make_room.
         if admission.queued >= self.settings.models_queue:
             raise Unavailable(f"{admission.queued} loads are already waiting for room (--models-queue)",
                               headers={"Retry-After": "1"})
         admitting = record.admitting = asyncio.get_running_loop().create_future()
+        admission.queued += 1
+        in_queue = True
         try:
-            admission.queued += 1
-            try:
-                await admission.lock.acquire()  # a client that leaves here costs nothing
-            finally:
-                admission.queued -= 1
-            try:
+            async with admission.lock:  # a client that leaves while waiting here costs nothing
                 if record.status != ModelStatus.UNLOADED:
                     return
                 model_path = await self._resolve_model_path(record)
                 await admission.make_room(record, model_path)
+                admission.queued -= 1
+                in_queue = False
                 async with record.lock:
                     if record.status == ModelStatus.UNLOADED:
                         await self._spawn(record, model_path)
-            finally:
-                admission.lock.release()
         finally:
+            if in_queue:
+                admission.queued -= 1
             record.admitting = None
             admitting.set_result(None)
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 
-from router.errors import InvalidRequest
+from router.errors import ClientGone, InvalidRequest
 from router.registry import Registry
+
+T = TypeVar("T")
 
 
 def registry_of(request: Request) -> Registry:
@@ -41,3 +46,30 @@ def autoload_of(request: Request) -> bool:
     if value is None:
         return bool(request.app.state.settings.models_autoload)
     return value.lower() in ("1", "true")
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` (waiting for a model, say), cancelling it if the client disconnects meanwhile.
+
+    Starlette does not cancel a handler whose client left, so without this a request that waited
+    in the load queue would still load its model for nobody.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone("the client disconnected while waiting")

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from router.errors import InvalidRequest
 from router.proxy import relay
-from router.routes.common import autoload_of, json_body, model_field, registry_of
+from router.routes.common import autoload_of, json_body, model_field, registry_of, unless_client_leaves
 
 router = APIRouter()
 
@@ -22,7 +22,8 @@ CONVERSATION_HEADER = "x-conversation-id"
 
 async def proxy_post(request: Request) -> Response:
     raw, data = await json_body(request)
-    lease = await registry_of(request).acquire(model_field(data), autoload_of(request))
+    lease = await unless_client_leaves(
+        request, registry_of(request).acquire(model_field(data), autoload_of(request)))
     conversation_id = request.headers.get(CONVERSATION_HEADER)
     if conversation_id and data.get("stream") is True:
         # Later GET/DELETE /v1/stream calls for this conversation go to the same child.
@@ -40,6 +41,6 @@ async def proxy_get(request: Request) -> Response:
     name = request.query_params.get("model")
     if not name:
         raise InvalidRequest("model name is missing from the request")
-    lease = await registry_of(request).acquire(name, autoload_of(request))
+    lease = await unless_client_leaves(request, registry_of(request).acquire(name, autoload_of(request)))
     return await relay(request.app.state.http, lease, "GET", request.url.path, request.url.query,
                        request.headers.items(), b"")
