@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 
 from child.protocol import ROUTER_TO_CHILD_EXIT, ProtocolError, StateMessage, parse_child_line
@@ -21,12 +23,26 @@ log = logging.getLogger(__name__)
 
 # The ready payload of a foreign child can be large (chat templates): allow long lines.
 _LINE_LIMIT_BYTES = 4 * 1024 * 1024
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked child, before exec: the kernel SIGKILLs it when the router dies.
+
+    For children that do not speak the protocol (a `cmd` server) and so cannot notice that their
+    stdin closed, this is what keeps them from outliving a router that was SIGKILLed.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class ChildProcess:
     def __init__(self, name: str, argv: list[str], env: dict[str, str],
-                 on_state: Callable[[StateMessage], None], on_exit: Callable[[int], None]) -> None:
+                 on_state: Callable[[StateMessage], None], on_exit: Callable[[int], None],
+                 speaks_protocol: bool = True) -> None:
         self.name = name
+        self.speaks_protocol = speaks_protocol
         self.argv = argv
         self.env = env
         self._on_state = on_state
@@ -44,6 +60,7 @@ class ChildProcess:
         self._proc = await asyncio.create_subprocess_exec(
             *self.argv, env=self.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=_LINE_LIMIT_BYTES,
+            preexec_fn=None if self.speaks_protocol else _die_with_parent,
         )
         log.info("[%s] started child pid %d: %s", self.name, self._proc.pid, " ".join(self.argv))
         assert self._proc.stdout is not None and self._proc.stderr is not None
@@ -68,6 +85,9 @@ class ChildProcess:
 
     async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
         def handle(line: str) -> None:
+            if not self.speaks_protocol:
+                log.info("[%s] %s", self.name, line)
+                return
             try:
                 message = parse_child_line(line)
             except ProtocolError as exc:
@@ -116,13 +136,16 @@ class ChildProcess:
         if self._proc is None or self.exited.is_set():
             return
         if not kill_now:
-            self._send_exit_command()
+            if self.speaks_protocol:
+                self._send_exit_command()
+            else:
+                self._kill_group(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.exited.wait(), timeout_s)
                 return
             except TimeoutError:
-                log.warning("[%s] still alive %.1f s after the exit command: killing it", self.name,
-                            timeout_s)
+                log.warning("[%s] still alive %.1f s after the %s: killing it", self.name, timeout_s,
+                            "exit command" if self.speaks_protocol else "SIGTERM")
         self._kill_group(signal.SIGKILL)
         await self.exited.wait()
 

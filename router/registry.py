@@ -13,12 +13,16 @@ Ownership rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any
+
+import httpx
 
 from child.protocol import ROUTER_PORT_ENV, ChildState, StateMessage
 from router.admission import Admission
@@ -34,6 +38,7 @@ from router.settings import RouterSettings
 log = logging.getLogger(__name__)
 
 CHILD_HOST = "127.0.0.1"
+READY_POLL_INTERVAL_S = 0.2
 # Variables of the router that must never reach a child (the API key above all).
 _RESERVED_ENV = ("LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE", "LLAMA_ARG_HOST",
                  "LLAMA_ARG_PORT", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_DIR",
@@ -108,6 +113,7 @@ class Registry:
         self._room_changed_event = asyncio.Event()
         self.admission = Admission(self)
         self.evictions_total = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -263,21 +269,29 @@ class Registry:
 
     async def _spawn(self, record: ModelRecord, model_path: str) -> None:
         record.resolved_model_path = model_path
-        if record.spec.foreign_bin:
-            # A foreign child may not report its port: pick one for it (llama.cpp's router does).
+        spec = record.spec
+        if spec.foreign_cmd:
+            # Any OpenAI-compatible server: its own command line, with our port and model filled in.
             record.assigned_port = _free_port()
-            program = list(record.spec.foreign_bin)
-            port = str(record.assigned_port)
+            macros = {"${PORT}": str(record.assigned_port), "${MODEL}": model_path}
+            argv = [_expand(part, macros) for part in spec.foreign_cmd]
         else:
-            # modelyard's child binds port 0 itself and reports the real port: no race.
-            record.assigned_port = None
-            program = [sys.executable, "-m", "child"]
-            port = "0"
-        argv = [*program, *record.spec.child_args(model_path),
-                "--host", CHILD_HOST, "--port", port, "--alias", record.name]
-        child = ChildProcess(record.name, argv, self._child_env(),
+            if spec.foreign_bin:
+                # A foreign child may not report its port: pick one for it (llama.cpp's router does).
+                record.assigned_port = _free_port()
+                program = list(spec.foreign_bin)
+                port = str(record.assigned_port)
+            else:
+                # modelyard's child binds port 0 itself and reports the real port: no race.
+                record.assigned_port = None
+                program = [sys.executable, "-m", "child"]
+                port = "0"
+            argv = [*program, *spec.child_args(model_path), "--host", CHILD_HOST, "--port", port,
+                    "--alias", record.name]
+        child = ChildProcess(record.name, argv, self._child_env(spec.speaks_protocol),
                              on_state=lambda message: self._on_child_state(record, child, message),
-                             on_exit=lambda code: self._on_child_exit(record, child, code))
+                             on_exit=lambda code: self._on_child_exit(record, child, code),
+                             speaks_protocol=spec.speaks_protocol)
         record.child = child
         record.args = argv
         self.set_status(record, ModelStatus.LOADING, "(spawning child)")
@@ -287,10 +301,41 @@ class Registry:
             record.child = None
             self.set_status(record, ModelStatus.UNLOADED, f"(spawn failed: {exc})", exit_code=127)
             raise ServerError(f"model '{record.name}': cannot start the child: {exc}") from exc
+        if not spec.speaks_protocol:
+            assert record.assigned_port is not None
+            self._background(self._poll_until_ready(record, child, record.assigned_port))
 
-    def _child_env(self) -> dict[str, str]:
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _poll_until_ready(self, record: ModelRecord, child: ChildProcess, port: int) -> None:
+        """A `cmd` child says nothing: it is ready when its check endpoint answers 200."""
+        url = f"http://{CHILD_HOST}:{port}{record.spec.check_endpoint}"
+        deadline = time.monotonic() + record.spec.load_timeout_s
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            while record.child is child and record.status == ModelStatus.LOADING:
+                if time.monotonic() > deadline:
+                    log.error("[%s] %s did not answer 200 within %.0f s: stopping it", record.name, url,
+                              record.spec.load_timeout_s)
+                    child.kill_now_sync()
+                    return
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(url)).status_code == 200:
+                        record.port = port
+                        info = {"port": port, "check_endpoint": record.spec.check_endpoint}
+                        record.meta = info
+                        self.set_status(record, ModelStatus.LOADED, f"({url} answered 200)", info=info)
+                        return
+                await asyncio.sleep(READY_POLL_INTERVAL_S)
+
+    def _child_env(self, speaks_protocol: bool) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _RESERVED_ENV}
-        env[ROUTER_PORT_ENV] = str(self.router_port)
+        if speaks_protocol:
+            env[ROUTER_PORT_ENV] = str(self.router_port)
+        else:
+            env.pop(ROUTER_PORT_ENV, None)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -353,3 +398,9 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((CHILD_HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def _expand(part: str, macros: dict[str, str]) -> str:
+    for macro, value in macros.items():
+        part = part.replace(macro, value)
+    return part
