@@ -31,7 +31,7 @@ from router.child_process import ChildProcess
 from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, Unavailable
 from router.events import EventHub
 from router.memory import tree_rss_bytes
-from router.model_sources import ModelSpec
+from router.model_sources import SOURCE_CACHE, ModelSpec
 from router.model_status import ModelStatus, check_transition
 from router.settings import RouterSettings
 
@@ -114,6 +114,7 @@ class Registry:
         self.admission = Admission(self)
         self.evictions_total = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.downloading: set[str] = set()
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -347,6 +348,38 @@ class Registry:
         if child is None:
             return
         await child.stop(record.spec.stop_timeout_s, kill_now=record.status == ModelStatus.LOADING)
+
+    async def reload(self, specs: list[ModelSpec]) -> None:
+        """Apply re-read model sources: add new models, restart changed running ones, drop removed."""
+        wanted = {spec.name: spec for spec in specs}
+        restart: list[ModelRecord] = []
+        for name, record in list(self.records.items()):
+            spec = wanted.pop(name, None)
+            if spec is None:
+                if record.spec.source == SOURCE_CACHE and record.status == ModelStatus.UNLOADED and \
+                        name in self.downloading:
+                    continue  # a download in progress is not in any source yet
+                async with record.lock:
+                    await self._stop(record)
+                del self.records[name]
+                log.info("model %s removed from the sources", name)
+                self.events.publish(name, "model_remove", {})
+            elif spec != record.spec:
+                was_running = record.status.is_running
+                if was_running:
+                    async with record.lock:
+                        await self._stop(record)
+                record.spec = spec
+                log.info("model %s changed in the sources%s", name, ": restarting" if was_running else "")
+                if was_running:
+                    restart.append(record)
+        for name, spec in wanted.items():
+            self.records[name] = ModelRecord(spec)
+            log.info("model %s added from the sources", name)
+            self.events.publish(name, "status_change", {"status": str(ModelStatus.UNLOADED)})
+        self.events.publish("*", "models_reload", {})
+        for record in restart:
+            await self._start(record)
 
     async def shutdown(self) -> None:
         """Stop every child, in parallel, each within its stop timeout."""

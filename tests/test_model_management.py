@@ -135,3 +135,29 @@ def test_management_router_refuses_to_start_when_startup_models_do_not_fit(tmp_p
                                 "--memory-reserve-mb", "100000000"], capture_output=True, text=True, timeout=60)
     assert no_memory.returncode == 2
     assert "the load-on-startup models need about" in no_memory.stderr
+
+
+def test_management_reload_restarts_changed_models_and_drops_removed_ones(start_router, tiny_model: Path,
+                                                                          tmp_path: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["a", "b"]))
+    preset = Path(router.proc.args[router.proc.args.index("--models-preset") + 1])
+    assert router.client.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
+    old_pid = router.child_of("a").pid
+    feed = EventFeed(router.url)
+    try:
+        preset.write_text(tiny_preset(tiny_model, ["a"], extra="ctx-size = 1024\n") + f"[c]\nmodel = {tiny_model}\n")
+        listing = router.client.get("/models", params={"reload": "1"}).json()
+        assert sorted(m["id"] for m in listing["data"]) == ["a", "c"]
+        feed.wait_for(lambda e: e["event"] == "model_remove" and e["model"] == "b")
+        feed.wait_for(lambda e: e["event"] == "models_reload" and e["model"] == "*")
+        router.wait_status("a", "loaded")
+        args = router.model_entry("a")["status"]["args"]
+        assert args[args.index("--ctx-size") + 1] == "1024"
+        assert router.child_of("a").pid != old_pid
+        assert router.status("c") == "unloaded"
+        preset.write_text("[broken]\nnot-a-key = 1\n")
+        refused = router.client.get("/models", params={"reload": "1"})
+        assert refused.status_code == 400 and "unknown key 'not-a-key'" in refused.json()["error"]["message"]
+        assert sorted(m["id"] for m in router.client.get("/models").json()["data"]) == ["a", "c"]
+    finally:
+        feed.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -10,7 +11,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from router.errors import InvalidRequest
+from router.errors import ConfigError, InvalidRequest
+from router.model_sources import collect_specs
 from router.routes.common import json_body, model_field, registry_of
 
 router = APIRouter()
@@ -20,6 +22,12 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     registry = registry_of(request)
+    if request.query_params.get("reload") not in (None, "", "0", "false"):
+        try:
+            specs = await asyncio.to_thread(collect_specs, request.app.state.settings)
+        except ConfigError as exc:
+            raise InvalidRequest(f"reload failed, the running configuration is kept: {exc}") from exc
+        await registry.reload(specs)
     created = int(time.time())
     return {"object": "list", "data": [r.to_json(created) for r in registry.records.values()]}
 
