@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.auth import ApiKeyMiddleware
 from router.conversations import ConversationMap
+from router.downloads import Downloads
 from router.errors import RouterError, error_json
 from router.events import EventHub
 from router.idle_reaper import reap_idle_models
@@ -42,6 +43,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
             for task in startup:
                 task.cancel()
             events.close_all()
+            await app.state.downloads.cancel_all()
             await registry.shutdown()
             await app.state.http.aclose()
 
@@ -49,6 +51,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     app.state.settings = settings
     app.state.registry = registry
     app.state.conversations = ConversationMap()
+    app.state.downloads = Downloads(registry, settings.hf_token)
 
     @app.exception_handler(RouterError)
     async def _router_error(_: Request, exc: RouterError) -> Response:

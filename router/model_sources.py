@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.errors import ConfigError
+from router.hf_cache import list_cached_models
 from router.presets import PresetFile, load_preset_file, parse_bool, render_ini
 from router.settings import RouterSettings
 
@@ -178,10 +179,23 @@ def specs_from_models_dir(folder: str, settings: RouterSettings,
     return specs
 
 
+def specs_from_hf_cache(settings: RouterSettings,
+                        global_options: dict[str, str | bool] | None = None) -> list[ModelSpec]:
+    specs = []
+    for cached in list_cached_models():
+        options: dict[str, str | bool] = {**(global_options or {}), "model": cached.model_path}
+        if cached.projector_path:
+            options["mmproj"] = cached.projector_path
+        specs.append(_make_spec(cached.name, SOURCE_CACHE, options, {}, settings, f"HF cache {cached.repo_id}"))
+    return specs
+
+
 def collect_specs(settings: RouterSettings) -> list[ModelSpec]:
-    """Every model the router serves; a preset section overrides a models-dir entry of that name."""
+    """Every model the router serves. For one name: preset over models-dir over the HF cache."""
     by_name: dict[str, ModelSpec] = {}
     preset = load_preset_file(settings.models_preset) if settings.models_preset else None
+    for spec in specs_from_hf_cache(settings, preset.global_section.options if preset else None):
+        by_name[spec.name] = spec
     if settings.models_dir:
         global_options = preset.global_section.options if preset else None
         for spec in specs_from_models_dir(settings.models_dir, settings, global_options):

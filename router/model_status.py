@@ -5,9 +5,14 @@
         ^                  |                     |          wake
         |   exit / crash   |       unload        |
         +------------------+---------------------+   (exit_code kept; failed = exit_code != 0)
+        ^
+        |  finished
+    downloading   (a model being fetched from the Hugging Face Hub; a failed or cancelled
+                   download removes the model instead)
 
 There is no failed state: a failure is `unloaded` with a non-zero exit code. `loading -> loading`
-is allowed to report progress. Registry.set_status is the only place that changes a status.
+and `downloading -> downloading` are allowed to report progress. Registry.set_status is the only
+place that changes a status.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class ModelStatus(StrEnum):
     LOADING = "loading"
     LOADED = "loaded"
     SLEEPING = "sleeping"
+    DOWNLOADING = "downloading"
 
     @property
     def is_running(self) -> bool:
@@ -37,6 +43,7 @@ ALLOWED_TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
     ModelStatus.LOADING: frozenset({ModelStatus.LOADING, ModelStatus.LOADED, ModelStatus.UNLOADED}),
     ModelStatus.LOADED: frozenset({ModelStatus.SLEEPING, ModelStatus.UNLOADED}),
     ModelStatus.SLEEPING: frozenset({ModelStatus.LOADED, ModelStatus.UNLOADED}),
+    ModelStatus.DOWNLOADING: frozenset({ModelStatus.DOWNLOADING, ModelStatus.UNLOADED}),
 }
 
 

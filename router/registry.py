@@ -31,7 +31,7 @@ from router.child_process import ChildProcess
 from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, Unavailable
 from router.events import EventHub
 from router.memory import tree_rss_bytes
-from router.model_sources import SOURCE_CACHE, ModelSpec
+from router.model_sources import ModelSpec
 from router.model_status import ModelStatus, check_transition
 from router.settings import RouterSettings
 
@@ -202,6 +202,8 @@ class Registry:
 
     async def _ensure_ready(self, record: ModelRecord) -> None:
         while not record.status.can_serve:
+            if record.status == ModelStatus.DOWNLOADING:
+                raise Unavailable(f"model '{record.name}' is still downloading", headers={"Retry-After": "5"})
             if record.status == ModelStatus.LOADING:
                 assert record.ready is not None
                 exit_code = await asyncio.shield(record.ready)
@@ -219,6 +221,8 @@ class Registry:
             raise NotFound("model is not found")
         if record.status.is_running:
             raise InvalidRequest("model is already running")
+        if record.status == ModelStatus.DOWNLOADING:
+            raise InvalidRequest("model is still downloading")
         await self._start(record)
 
     async def unload(self, name: str) -> None:
@@ -349,6 +353,35 @@ class Registry:
             return
         await child.stop(record.spec.stop_timeout_s, kill_now=record.status == ModelStatus.LOADING)
 
+    # -- downloads and removal ------------------------------------------------------------------
+
+    def add_downloading(self, spec: ModelSpec) -> ModelRecord:
+        record = ModelRecord(spec)
+        record.status = ModelStatus.DOWNLOADING  # born downloading: no earlier status to leave
+        self.records[spec.name] = record
+        self.downloading.add(spec.name)
+        log.info("model %s downloading", spec.name)
+        self.events.publish(spec.name, "status_change", {"status": str(ModelStatus.DOWNLOADING)})
+        return record
+
+    def finish_download(self, record: ModelRecord, spec: ModelSpec) -> None:
+        record.spec = spec
+        self.downloading.discard(record.name)
+        self.set_status(record, ModelStatus.UNLOADED, "(download finished)")
+
+    def drop_download(self, record: ModelRecord) -> None:
+        self.downloading.discard(record.name)
+        if self.records.get(record.name) is record:
+            del self.records[record.name]
+
+    async def remove(self, record: ModelRecord) -> None:
+        """Forget a model (its files are the caller's business); stops it first."""
+        async with record.lock:
+            await self._stop(record)
+        if self.records.get(record.name) is record:
+            del self.records[record.name]
+        self.events.publish(record.name, "model_remove", {})
+
     async def reload(self, specs: list[ModelSpec]) -> None:
         """Apply re-read model sources: add new models, restart changed running ones, drop removed."""
         wanted = {spec.name: spec for spec in specs}
@@ -356,8 +389,7 @@ class Registry:
         for name, record in list(self.records.items()):
             spec = wanted.pop(name, None)
             if spec is None:
-                if record.spec.source == SOURCE_CACHE and record.status == ModelStatus.UNLOADED and \
-                        name in self.downloading:
+                if name in self.downloading:
                     continue  # a download in progress is not in any source yet
                 async with record.lock:
                     await self._stop(record)

@@ -45,9 +45,11 @@ def smollm2_model() -> Path:
 class RouterProcess:
     """`python -m router` as a real subprocess; its stderr is collected line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, hf_cache: Path | None = None) -> None:
         full_env = {**os.environ, **(env or {})}
         full_env.pop("LLAMA_SERVER_ROUTER_PORT", None)
+        if hf_cache is not None and "HF_HUB_CACHE" not in (env or {}):
+            full_env["HF_HUB_CACHE"] = str(hf_cache)  # never the user's own Hugging Face cache
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
@@ -183,7 +185,7 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
         if preset_text is not None:
             preset = write_preset(tmp_path / f"preset{len(started)}.ini", preset_text)
             extra = ["--models-preset", str(preset), *extra]
-        router = RouterProcess(extra, env=env)
+        router = RouterProcess(extra, env=env, hf_cache=tmp_path / "hf-cache")
         started.append(router)
         return router
 

@@ -137,10 +137,11 @@ def test_protocol_lines_round_trip_and_malformed_lines_raise() -> None:
 def test_status_transitions_follow_the_diagram() -> None:
     allowed = [("unloaded", "loading"), ("loading", "loaded"), ("loading", "unloaded"),
                ("loaded", "sleeping"), ("sleeping", "loaded"), ("loaded", "unloaded"),
-               ("sleeping", "unloaded"), ("loading", "loading")]
+               ("sleeping", "unloaded"), ("loading", "loading"), ("downloading", "unloaded")]
     for old, new in allowed:
         check_transition(ModelStatus(old), ModelStatus(new))
     for old, new in [("unloaded", "loaded"), ("unloaded", "sleeping"), ("loaded", "loading"),
-                     ("sleeping", "loading"), ("unloaded", "unloaded")]:
+                     ("sleeping", "loading"), ("unloaded", "unloaded"), ("downloading", "loading"),
+                     ("unloaded", "downloading")]:
         with pytest.raises(InvalidTransition):
             check_transition(ModelStatus(old), ModelStatus(new))

@@ -11,8 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from router.errors import ConfigError, InvalidRequest
-from router.model_sources import collect_specs
+from router.errors import ConfigError, InvalidRequest, NotFound
+from router.hf_cache import list_cached_models, remove_cached_model
+from router.model_sources import SOURCE_CACHE, collect_specs
+from router.model_status import ModelStatus
 from router.routes.common import json_body, model_field, registry_of
 
 router = APIRouter()
@@ -48,7 +50,44 @@ async def unload_model(request: Request) -> dict[str, Any]:
     name = model_field(data)
     if not name:
         raise InvalidRequest("model name is missing from the request")
+    record = registry_of(request).lookup(name)
+    if record is not None and record.status == ModelStatus.DOWNLOADING:
+        await request.app.state.downloads.cancel(record.name)  # returns once no partial file is left
+        return {"success": True}
     await registry_of(request).unload(name)
+    return {"success": True}
+
+
+@router.post("/models")
+async def download_model(request: Request) -> dict[str, Any]:
+    """Start a Hugging Face download of `user/repo[:quant]`; progress comes on /models/sse."""
+    _, data = await json_body(request)
+    reference = model_field(data)
+    if not reference:
+        raise InvalidRequest("model must be a non-empty string")
+    name = await request.app.state.downloads.start(reference)
+    return {"success": True, "model": name}
+
+
+@router.delete("/models")
+async def remove_model(request: Request) -> dict[str, Any]:
+    """Remove a downloaded (cached) model: stop it, delete its files, forget it."""
+    name = request.query_params.get("model")
+    if not name:
+        raise InvalidRequest("model must be a non-empty string")
+    registry = registry_of(request)
+    record = registry.lookup(name)
+    if record is None:
+        raise NotFound(f"model '{name}' not found")
+    if record.spec.source != SOURCE_CACHE:
+        raise InvalidRequest(f"model '{record.name}' is not a downloaded model (source: {record.spec.source})")
+    if record.status == ModelStatus.DOWNLOADING:
+        await request.app.state.downloads.cancel(record.name)
+        return {"success": True}
+    cached = next((m for m in await asyncio.to_thread(list_cached_models) if m.name == record.name), None)
+    await registry.remove(record)
+    if cached is not None:
+        await asyncio.to_thread(remove_cached_model, cached)
     return {"success": True}
 
 
