@@ -20,7 +20,8 @@ from router.model_sources import ModelSpec
 from router.settings import RouterSettings
 
 if TYPE_CHECKING:
-    from router.registry import ModelRecord, Registry
+    from router.model_record import ModelRecord
+    from router.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from tqdm.std import tqdm
 
 from router.errors import InvalidRequest
 from router.hf_cache import SHARD, is_main_gguf, model_name, parse_reference, quant_of, remove_partial_files
+from router.model_record import ModelRecord
 from router.model_sources import SOURCE_CACHE, ModelSpec
-from router.registry import ModelRecord, Registry
+from router.registry import Registry
 
 log = logging.getLogger(__name__)
 

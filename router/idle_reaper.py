@@ -13,7 +13,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from router.registry import ModelRecord, Registry
+    from router.model_record import ModelRecord
+    from router.registry import Registry
 
 log = logging.getLogger(__name__)
 

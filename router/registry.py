@@ -13,81 +13,24 @@ Ownership rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
-import sys
 import time
 from collections.abc import Coroutine
 from typing import Any
 
-import httpx
-
-from child.protocol import ROUTER_PORT_ENV, ChildState, StateMessage
+from child.protocol import ChildState, StateMessage
 from router.admission import Admission
 from router.bundled_models import is_package_model, resolve_package_model
+from router.child_launch import CHILD_HOST, child_env, plan_launch, wait_until_http_ready
 from router.child_process import ChildProcess
 from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, Unavailable
 from router.events import EventHub
-from router.memory import tree_rss_bytes
+from router.model_record import ModelRecord
 from router.model_sources import ModelSpec
 from router.model_status import ModelStatus, check_transition
 from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
-
-CHILD_HOST = "127.0.0.1"
-READY_POLL_INTERVAL_S = 0.2
-# Variables of the router that must never reach a child (the API key above all).
-_RESERVED_ENV = ("LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE", "LLAMA_ARG_HOST",
-                 "LLAMA_ARG_PORT", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_DIR",
-                 "LLAMA_ARG_MODELS_MAX", "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_ARG_TIMEOUT")
-
-
-class ModelRecord:
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self.status = ModelStatus.UNLOADED
-        self.exit_code: int | None = None
-        self.child: ChildProcess | None = None
-        self.port: int | None = None
-        self.assigned_port: int | None = None  # picked by the router for a foreign child
-        self.meta: dict[str, Any] = {}
-        self.args: list[str] = []
-        self.resolved_model_path: str | None = None
-        self.in_flight = 0
-        self.last_used = 0.0
-        self.lock = asyncio.Lock()
-        # Settled when a load ends: None = ready, an int = the child exited with that code.
-        self.ready: asyncio.Future[int | None] | None = None
-        # Set while one request is getting this model admitted; others wait on it, not in the queue.
-        self.admitting: asyncio.Future[None] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def failed(self) -> bool:
-        return self.status == ModelStatus.UNLOADED and self.exit_code not in (None, 0)
-
-    def to_json(self, created: int) -> dict[str, Any]:
-        status: dict[str, Any] = {"value": str(self.status), "args": self.args or self.spec.child_args(),
-                                  "preset": self.spec.preset_ini}
-        if self.failed:
-            status["failed"] = True
-            status["exit_code"] = self.exit_code
-        entry: dict[str, Any] = {
-            "id": self.name, "aliases": list(self.spec.aliases), "tags": list(self.spec.tags),
-            "object": "model", "owned_by": "modelyard", "created": created, "status": status,
-            "source": self.spec.source,
-        }
-        if self.status.is_running and self.meta:
-            entry["meta"] = self.meta
-        if self.child is not None and self.child.pid is not None:
-            entry["memory"] = {"rss_bytes": tree_rss_bytes(self.child.pid)}
-        return entry
 
 
 class Lease:
@@ -275,30 +218,14 @@ class Registry:
     async def _spawn(self, record: ModelRecord, model_path: str) -> None:
         record.resolved_model_path = model_path
         spec = record.spec
-        if spec.foreign_cmd:
-            # Any OpenAI-compatible server: its own command line, with our port and model filled in.
-            record.assigned_port = _free_port()
-            macros = {"${PORT}": str(record.assigned_port), "${MODEL}": model_path}
-            argv = [_expand(part, macros) for part in spec.foreign_cmd]
-        else:
-            if spec.foreign_bin:
-                # A foreign child may not report its port: pick one for it (llama.cpp's router does).
-                record.assigned_port = _free_port()
-                program = list(spec.foreign_bin)
-                port = str(record.assigned_port)
-            else:
-                # modelyard's child binds port 0 itself and reports the real port: no race.
-                record.assigned_port = None
-                program = [sys.executable, "-m", "child"]
-                port = "0"
-            argv = [*program, *spec.child_args(model_path), "--host", CHILD_HOST, "--port", port,
-                    "--alias", record.name]
-        child = ChildProcess(record.name, argv, self._child_env(spec.speaks_protocol),
+        plan = plan_launch(spec, model_path)
+        record.assigned_port = plan.assigned_port
+        child = ChildProcess(record.name, plan.argv, child_env(self.router_port, spec.speaks_protocol),
                              on_state=lambda message: self._on_child_state(record, child, message),
                              on_exit=lambda code: self._on_child_exit(record, child, code),
                              speaks_protocol=spec.speaks_protocol)
         record.child = child
-        record.args = argv
+        record.args = plan.argv
         self.set_status(record, ModelStatus.LOADING, "(spawning child)")
         try:
             await child.start()
@@ -307,42 +234,31 @@ class Registry:
             self.set_status(record, ModelStatus.UNLOADED, f"(spawn failed: {exc})", exit_code=127)
             raise ServerError(f"model '{record.name}': cannot start the child: {exc}") from exc
         if not spec.speaks_protocol:
-            assert record.assigned_port is not None
-            self._background(self._poll_until_ready(record, child, record.assigned_port))
+            self._background(self._poll_until_ready(record, child))
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _poll_until_ready(self, record: ModelRecord, child: ChildProcess, port: int) -> None:
+    async def _poll_until_ready(self, record: ModelRecord, child: ChildProcess) -> None:
         """A `cmd` child says nothing: it is ready when its check endpoint answers 200."""
+        port = record.assigned_port
+        assert port is not None
         url = f"http://{CHILD_HOST}:{port}{record.spec.check_endpoint}"
-        deadline = time.monotonic() + record.spec.load_timeout_s
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-            while record.child is child and record.status == ModelStatus.LOADING:
-                if time.monotonic() > deadline:
-                    log.error("[%s] %s did not answer 200 within %.0f s: stopping it", record.name, url,
-                              record.spec.load_timeout_s)
-                    child.kill_now_sync()
-                    return
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(url)).status_code == 200:
-                        record.port = port
-                        info = {"port": port, "check_endpoint": record.spec.check_endpoint}
-                        record.meta = info
-                        self.set_status(record, ModelStatus.LOADED, f"({url} answered 200)", info=info)
-                        return
-                await asyncio.sleep(READY_POLL_INTERVAL_S)
-
-    def _child_env(self, speaks_protocol: bool) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _RESERVED_ENV}
-        if speaks_protocol:
-            env[ROUTER_PORT_ENV] = str(self.router_port)
-        else:
-            env.pop(ROUTER_PORT_ENV, None)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
+        ready = await wait_until_http_ready(
+            url, record.spec.load_timeout_s,
+            still_waiting=lambda: record.child is child and record.status == ModelStatus.LOADING)
+        if record.child is not child or record.status != ModelStatus.LOADING:
+            return
+        if not ready:
+            log.error("[%s] %s did not answer 200 within %.0f s: stopping it", record.name, url,
+                      record.spec.load_timeout_s)
+            child.kill_now_sync()
+            return
+        record.port = port
+        record.meta = {"port": port, "check_endpoint": record.spec.check_endpoint}
+        self.set_status(record, ModelStatus.LOADED, f"({url} answered 200)", info=record.meta)
 
     async def stop_child(self, record: ModelRecord) -> None:
         await self._stop(record)
@@ -458,14 +374,3 @@ class Registry:
         reason = "(child exited)" if code == 0 else f"(child failed, exit code {code})"
         self.set_status(record, ModelStatus.UNLOADED, reason, exit_code=code)
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((CHILD_HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _expand(part: str, macros: dict[str, str]) -> str:
-    for macro, value in macros.items():
-        part = part.replace(macro, value)
-    return part

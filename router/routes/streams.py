@@ -9,9 +9,9 @@ from fastapi import APIRouter, Request, Response
 
 from router.conversations import ConversationMap
 from router.errors import InvalidRequest, NotFound, Unavailable
+from router.model_record import ModelRecord
 from router.model_status import ModelStatus
 from router.proxy import relay
-from router.registry import ModelRecord
 from router.routes.common import json_body, registry_of
 
 router = APIRouter()

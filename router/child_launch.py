@@ -1,0 +1,89 @@
+"""How a model's child is started: its command line, its environment, and (for a `cmd` server,
+which says nothing) how the router tells that it is ready.
+
+Three kinds of child:
+- modelyard's own child (`python -m child`): binds port 0 itself and reports the real port in its
+  `ready` line, so there is no race between picking a port and binding it;
+- `bin`: a llama-server-compatible program (llama.cpp's llama-server speaks the same protocol); the
+  router picks its port, as llama.cpp's router does;
+- `cmd`: any OpenAI-compatible server with ${PORT} and ${MODEL} macros; no protocol, so readiness
+  is polled on its check endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from child.protocol import ROUTER_PORT_ENV
+from router.model_sources import ModelSpec
+
+CHILD_HOST = "127.0.0.1"
+READY_POLL_INTERVAL_S = 0.2
+READY_PROBE_TIMEOUT_S = 2.0
+# Variables of the router that must never reach a child (the API key above all).
+RESERVED_ENV = ("LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE", "LLAMA_ARG_HOST",
+                "LLAMA_ARG_PORT", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_DIR",
+                "LLAMA_ARG_MODELS_MAX", "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_ARG_TIMEOUT")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    assigned_port: int | None  # picked by the router; None when the child reports its own
+
+
+def plan_launch(spec: ModelSpec, model_path: str) -> LaunchPlan:
+    if spec.foreign_cmd:
+        port = free_port()
+        macros = {"${PORT}": str(port), "${MODEL}": model_path}
+        return LaunchPlan([_expand(part, macros) for part in spec.foreign_cmd], port)
+    if spec.foreign_bin:
+        port = free_port()
+        program, port_arg, assigned = list(spec.foreign_bin), str(port), port
+    else:
+        program, port_arg, assigned = [sys.executable, "-m", "child"], "0", None
+    argv = [*program, *spec.child_args(model_path), "--host", CHILD_HOST, "--port", port_arg, "--alias", spec.name]
+    return LaunchPlan(argv, assigned)
+
+
+def child_env(router_port: int, speaks_protocol: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in RESERVED_ENV}
+    if speaks_protocol:
+        env[ROUTER_PORT_ENV] = str(router_port)
+    else:
+        env.pop(ROUTER_PORT_ENV, None)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+async def wait_until_http_ready(url: str, timeout_s: float, still_waiting: Callable[[], bool]) -> bool:
+    """Poll `url` until it answers 200 (True), the timeout passes or nobody waits any more (False)."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=READY_PROBE_TIMEOUT_S, trust_env=False) as client:
+        while still_waiting() and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url)).status_code == 200:
+                    return True
+            await asyncio.sleep(READY_POLL_INTERVAL_S)
+    return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((CHILD_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _expand(part: str, macros: dict[str, str]) -> str:
+    for macro, value in macros.items():
+        part = part.replace(macro, value)
+    return part
