@@ -58,6 +58,12 @@ class Admission:
         return self.estimate_bytes(record) or 0
 
     async def make_room(self, target: ModelRecord, model_path: str | None) -> None:
+        try:
+            await self._make_room(target, model_path)
+        finally:
+            self._stop_draining()  # whatever happened, no model stays closed to new requests
+
+    async def _make_room(self, target: ModelRecord, model_path: str | None) -> None:
         limit = self.settings.models_max
         reserve = int(self.settings.memory_reserve_mb * MIB)
         need = self.estimate_bytes(target, model_path)
@@ -89,12 +95,29 @@ class Admission:
                 self.registry.evictions_total += 1
                 async with victim.lock:
                     await self.registry.stop_child(victim)
+                self._stop_draining()
                 continue
-            # Every candidate is busy or still loading: wait until one becomes idle.
-            if not announced_wait:
+            # Every candidate is busy or still loading. Drain the least recently used serving one:
+            # it finishes what it has but takes nothing new, so it becomes idle in bounded time.
+            serving = [r for r in evictable if r.status.can_serve]
+            if serving and not any(r.draining for r in serving):
+                drained = min(serving, key=lambda r: r.last_used)
+                drained.draining = True
+                log.info("load of %s waits for room: draining %s (%d requests in flight)", target.name,
+                         drained.name, drained.in_flight)
+            elif not announced_wait:
                 log.info("load of %s waits for room: every resident model is busy", target.name)
-                announced_wait = True
+            announced_wait = True
             await self.registry.room_changed()
+
+    def _stop_draining(self) -> None:
+        changed = False
+        for record in self.registry.records.values():
+            if record.draining:
+                record.draining = False
+                changed = True
+        if changed:
+            self.registry.notify_room()
 
 
 def check_startup_fit(settings: RouterSettings, specs: list[ModelSpec]) -> None:

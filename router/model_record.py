@@ -23,6 +23,7 @@ class ModelRecord:
         self.args: list[str] = []
         self.resolved_model_path: str | None = None
         self.in_flight = 0
+        self.draining = False  # chosen for eviction by a waiting load: takes no new requests
         self.last_used = 0.0
         self.lock = asyncio.Lock()
         # Settled when a load ends: None = ready, an int = the child exited with that code.

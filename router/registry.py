@@ -112,6 +112,9 @@ class Registry:
                 record.ready.set_result(exit_code if exit_code is not None else -1)
         self._notify_room()
 
+    def notify_room(self) -> None:
+        self._notify_room()
+
     def _notify_room(self) -> None:
         changed, self._room_changed_event = self._room_changed_event, asyncio.Event()
         changed.set()
@@ -127,6 +130,10 @@ class Registry:
         record = self.get(name)
         if not autoload and not record.status.is_running:
             raise InvalidRequest("model is not loaded")
+        while record.draining:
+            # A waiting load picked this model to make room: new requests queue behind that load
+            # instead of keeping the model busy forever (no starvation under constant load).
+            await self.room_changed()
         record.in_flight += 1
         record.last_used = time.monotonic()
         lease = Lease(self, record)
