@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PRESET ?= presets/default.ini
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-reliability lint bench clean
 BENCH_STAMP := $(VENV)/.bench-installed
 
 # llama-cpp-python compiles libllama on first install (about 8 minutes on 2 cores); pip keeps the
@@ -23,8 +23,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/modelyard --models-preset $(PRESET) --host $(HOST) --port $(PORT)
 
+# Everything, the reliability suite included (a couple of minutes in all).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Only the reliability suite, with the figures it measures printed.
+test-reliability: $(STAMP)
+	$(PY) -m pytest -q -s tests/reliability
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check router child tests

@@ -42,6 +42,7 @@ class Admission:
         self.settings = registry.settings
         self.lock = asyncio.Lock()  # FIFO: asyncio.Lock wakes waiters in arrival order
         self.queued = 0
+        self._drained: ModelRecord | None = None  # the busy model this admission closed to new requests
 
     def estimate_bytes(self, record: ModelRecord, model_path: str | None = None) -> int | None:
         path = model_path or record.resolved_model_path or record.spec.model_value
@@ -93,15 +94,14 @@ class Admission:
                 why = "--models-max" if too_many else "memory"
                 log.info("evicting %s (least recently used, %s) to make room for %s", victim.name, why, target.name)
                 self.registry.evictions_total += 1
-                async with victim.lock:
-                    await self.registry.stop_child(victim)
+                await self.registry.evict(victim)
                 self._stop_draining()
                 continue
             # Every candidate is busy or still loading. Drain the least recently used serving one:
             # it finishes what it has but takes nothing new, so it becomes idle in bounded time.
             serving = [r for r in evictable if r.status.can_serve]
-            if serving and not any(r.draining for r in serving):
-                drained = min(serving, key=lambda r: r.last_used)
+            if serving and self._drained is None:
+                drained = self._drained = min(serving, key=lambda r: r.last_used)
                 drained.draining = True
                 log.info("load of %s waits for room: draining %s (%d requests in flight)", target.name,
                          drained.name, drained.in_flight)
@@ -111,12 +111,9 @@ class Admission:
             await self.registry.room_changed()
 
     def _stop_draining(self) -> None:
-        changed = False
-        for record in self.registry.records.values():
-            if record.draining:
-                record.draining = False
-                changed = True
-        if changed:
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.draining = False
             self.registry.notify_room()
 
 

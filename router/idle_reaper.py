@@ -42,8 +42,6 @@ async def reap_idle_models(registry: Registry) -> None:
             if idle_s >= ttl:
                 log.info("model %s idle for %.1f s (ttl %.1f s): unloading", record.name, idle_s, ttl)
                 try:
-                    async with record.lock:
-                        if record.in_flight == 0 and record.status.can_serve:
-                            await registry.stop_child(record)
+                    await registry.evict(record)
                 except Exception:  # noqa: BLE001 - the reaper must outlive one failed stop
                     log.exception("idle unload of %s failed", record.name)

@@ -110,12 +110,9 @@ class Registry:
                 record.ready.set_result(None)
             elif new == ModelStatus.UNLOADED:
                 record.ready.set_result(exit_code if exit_code is not None else -1)
-        self._notify_room()
+        self.notify_room()
 
     def notify_room(self) -> None:
-        self._notify_room()
-
-    def _notify_room(self) -> None:
         changed, self._room_changed_event = self._room_changed_event, asyncio.Event()
         changed.set()
 
@@ -148,7 +145,7 @@ class Registry:
         record.in_flight -= 1
         record.last_used = time.monotonic()
         if record.in_flight == 0:
-            self._notify_room()
+            self.notify_room()
 
     async def _ensure_ready(self, record: ModelRecord) -> None:
         while not record.status.can_serve:
@@ -267,8 +264,19 @@ class Registry:
         record.meta = {"port": port, "check_endpoint": record.spec.check_endpoint}
         self.set_status(record, ModelStatus.LOADED, f"({url} answered 200)", info=record.meta)
 
-    async def stop_child(self, record: ModelRecord) -> None:
-        await self._stop(record)
+    async def evict(self, record: ModelRecord) -> None:
+        """Stop an idle model without cutting off anyone: requests that arrive while it stops wait
+        (draining) and then find it unloaded, so they load it again instead of reaching a dying child."""
+        if record.in_flight:
+            return
+        record.draining = True
+        try:
+            async with record.lock:
+                if record.in_flight == 0:
+                    await self._stop(record)
+        finally:
+            record.draining = False
+            self.notify_room()
 
     async def _stop(self, record: ModelRecord) -> None:
         child = record.child

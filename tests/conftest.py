@@ -261,3 +261,24 @@ def start_child() -> Iterator[Callable[..., PlainChild]]:
     yield start
     for child in started:
         child.stop()
+
+
+def wait_dead(procs: list[psutil.Process], timeout_s: float) -> tuple[list[psutil.Process], float]:
+    """Wait until every process has exited; returns (still alive, seconds waited).
+
+    A zombie has exited: once the router is SIGKILLed its children are reparented to whatever
+    reaps orphans here, which may take its time, but they run no code any more.
+    """
+    began = time.monotonic()
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+        waited = time.monotonic() - began
+        if not alive or waited >= timeout_s:
+            return alive, waited
+        time.sleep(0.005)

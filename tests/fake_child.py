@@ -123,7 +123,11 @@ def main() -> None:
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # the stdlib's 5 drops connections under a burst of clients
+
+    server = Server((args.host, args.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     announce("loading", {"stages": ["text_model"], "current": "text_model", "value": 1.0})
     announce("ready", {"port": server.server_address[1], "fake": True})

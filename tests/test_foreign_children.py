@@ -8,8 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
+
+from conftest import wait_dead
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,
         "ignore_eos": True}
@@ -51,7 +52,7 @@ def test_foreign_cmd_child_dies_with_a_sigkilled_router(start_router, tiny_model
     assert children
     os.kill(router.proc.pid, signal.SIGKILL)
     router.proc.wait(10)
-    _, alive = psutil.wait_procs(children, timeout=2)
+    alive, _ = wait_dead(children, timeout_s=2)
     assert alive == []
 
 

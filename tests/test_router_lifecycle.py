@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from conftest import EventFeed, fake_bin, tiny_preset
+from conftest import EventFeed, fake_bin, tiny_preset, wait_dead
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,
         "ignore_eos": True}
@@ -163,7 +163,7 @@ def test_router_sigkill_leaves_no_child_alive(start_router, tiny_model: Path) ->
     assert len(children) >= 3
     os.kill(router.proc.pid, signal.SIGKILL)
     router.proc.wait(10)
-    _, alive = psutil.wait_procs(children, timeout=2)
+    alive, _ = wait_dead(children, timeout_s=2)
     assert alive == [], f"orphans after the router died: {alive}"
 
 
