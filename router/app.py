@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from router.auth import ApiKeyMiddleware
+from router.body_limit import BodyLimitMiddleware
 from router.conversations import ConversationMap
 from router.downloads import Downloads
 from router.errors import RouterError, error_json
@@ -43,6 +45,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
             for task in startup:
                 task.cancel()
             events.close_all()
+            registry.logs.live.close_all()
             await app.state.downloads.cancel_all()
             await registry.shutdown()
             await app.state.http.aclose()
@@ -82,8 +85,14 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
             return await openai.proxy_get(request)
         return error_json(404, f"no route GET /{path}", "not_found_error")
 
+    # Added last = outermost: the size limit applies before anything reads a body, and CORS
+    # answers preflights before the key check (browsers send no credentials on a preflight).
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
     return app
 
 

@@ -40,8 +40,9 @@ def _die_with_parent() -> None:
 class ChildProcess:
     def __init__(self, name: str, argv: list[str], env: dict[str, str],
                  on_state: Callable[[StateMessage], None], on_exit: Callable[[int], None],
-                 speaks_protocol: bool = True) -> None:
+                 speaks_protocol: bool = True, on_log: Callable[[str], None] | None = None) -> None:
         self.name = name
+        self._on_log = on_log
         self.speaks_protocol = speaks_protocol
         self.argv = argv
         self.env = env
@@ -86,7 +87,7 @@ class ChildProcess:
     async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
         def handle(line: str) -> None:
             if not self.speaks_protocol:
-                log.info("[%s] %s", self.name, line)
+                self._log_line(line)
                 return
             try:
                 message = parse_child_line(line)
@@ -95,7 +96,7 @@ class ChildProcess:
                 return
             if message is None:
                 if line.strip():
-                    log.info("[%s] %s", self.name, line)
+                    self._log_line(line)
                 return
             try:
                 self._on_state(message)
@@ -105,7 +106,12 @@ class ChildProcess:
         await self._read_lines(stream, handle)
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
-        await self._read_lines(stream, lambda line: log.info("[%s] %s", self.name, line))
+        await self._read_lines(stream, self._log_line)
+
+    def _log_line(self, line: str) -> None:
+        log.info("[%s] %s", self.name, line)
+        if self._on_log is not None:
+            self._on_log(line)
 
     async def _watch_exit(self) -> None:
         assert self._proc is not None

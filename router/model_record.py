@@ -25,6 +25,7 @@ class ModelRecord:
         self.in_flight = 0
         self.draining = False  # chosen for eviction by a waiting load: takes no new requests
         self.last_used = 0.0
+        self.loading_since = 0.0
         self.lock = asyncio.Lock()
         # Settled when a load ends: None = ready, an int = the child exited with that code.
         self.ready: asyncio.Future[int | None] | None = None

@@ -47,6 +47,7 @@ async def relay(client: httpx.AsyncClient, lease: Lease, method: str, path: str,
     """Send the request to the lease's child and return the response to give the client."""
     record = lease.record
     name = record.name
+    metrics = lease.registry.metrics
     if record.port is None:
         lease.release()
         raise UpstreamFailed(f"model '{name}' is not running")
@@ -57,10 +58,12 @@ async def relay(client: httpx.AsyncClient, lease: Lease, method: str, path: str,
         upstream = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         lease.release()
+        metrics.requests.labels(name, "502").inc()
         raise UpstreamFailed(f"model '{name}' did not answer: {type(exc).__name__}: {exc}") from exc
     except BaseException:
         lease.release()
         raise
+    metrics.requests.labels(name, str(upstream.status_code)).inc()
     response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
     content_type = upstream.headers.get("content-type", "")
 
@@ -72,11 +75,14 @@ async def relay(client: httpx.AsyncClient, lease: Lease, method: str, path: str,
         finally:
             await upstream.aclose()
             lease.release()
+        metrics.proxied_bytes.labels(name).inc(len(data))
         return Response(data, status_code=upstream.status_code, headers=response_headers)
 
     async def stream() -> AsyncIterator[bytes]:
+        relayed = 0
         try:
             async for chunk in upstream.aiter_raw():
+                relayed += len(chunk)
                 yield chunk
         except httpx.HTTPError as exc:
             log.warning("[%s] stream broke off: %s: %s", name, type(exc).__name__, exc)
@@ -84,5 +90,6 @@ async def relay(client: httpx.AsyncClient, lease: Lease, method: str, path: str,
         finally:
             await upstream.aclose()
             lease.release()
+            metrics.proxied_bytes.labels(name).inc(relayed)
 
     return StreamingResponse(stream(), status_code=upstream.status_code, headers=response_headers)

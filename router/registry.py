@@ -25,6 +25,8 @@ from router.child_launch import CHILD_HOST, child_env, plan_launch, wait_until_h
 from router.child_process import ChildProcess
 from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, Unavailable
 from router.events import EventHub
+from router.metrics import RouterMetrics
+from router.model_logs import ModelLogs
 from router.model_record import ModelRecord
 from router.model_sources import ModelSpec
 from router.model_status import ModelStatus, check_transition
@@ -37,14 +39,14 @@ class Lease:
     """A request's claim on a model; released exactly once."""
 
     def __init__(self, registry: Registry, record: ModelRecord) -> None:
-        self._registry = registry
+        self.registry = registry
         self.record = record
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._registry._release(self.record)
+            self.registry._release(self.record)
 
 
 class Registry:
@@ -58,6 +60,9 @@ class Registry:
         self.evictions_total = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.downloading: set[str] = set()
+        self.logs = ModelLogs()
+        self.metrics = RouterMetrics()
+        self.metrics.watch(self.records, lambda: self.admission.queued, lambda: self.evictions_total)
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -87,6 +92,11 @@ class Registry:
         old = record.status
         check_transition(old, new)
         record.status = new
+        now = time.monotonic()
+        load_seconds = now - record.loading_since if old == ModelStatus.LOADING else None
+        if new == ModelStatus.LOADING and old != ModelStatus.LOADING:
+            record.loading_since = now
+        self.metrics.on_transition(record, old, new, exit_code, load_seconds)
         if old != new:
             log.info("model %s %s->%s %s", record.name, old, new, reason)
         if new == ModelStatus.LOADING and old != ModelStatus.LOADING:
@@ -227,7 +237,8 @@ class Registry:
         child = ChildProcess(record.name, plan.argv, child_env(self.router_port, spec.speaks_protocol),
                              on_state=lambda message: self._on_child_state(record, child, message),
                              on_exit=lambda code: self._on_child_exit(record, child, code),
-                             speaks_protocol=spec.speaks_protocol)
+                             speaks_protocol=spec.speaks_protocol,
+                             on_log=lambda line: self.logs.append(record.name, line))
         record.child = child
         record.args = plan.argv
         self.set_status(record, ModelStatus.LOADING, "(spawning child)")

@@ -33,6 +33,8 @@ class RouterSettings(BaseModel):
     models_ttl_s: float = -1.0  # idle seconds before a model is unloaded; -1 = never
     memory_reserve_mb: float = 512.0  # kept free when admitting a model
     hf_token: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    cors_origins: list[str] = Field(default_factory=list)  # empty: no CORS headers at all
     stop_timeout_s: float = 10.0  # exit command -> SIGKILL of the child's process group
     child_connect_timeout_s: float = 10.0
     sse_ping_interval_s: float = 15.0
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                         default=float(_env("MODELYARD_MEMORY_RESERVE_MB", "512") or 512),
                         help="memory kept free when admitting a model")
     router.add_argument("--hf-token", default=_env("HF_TOKEN"))
+    router.add_argument("--max-body-bytes", type=int,
+                        default=int(_env("MODELYARD_MAX_BODY_BYTES", str(16 * 1024 * 1024)) or 0),
+                        help="larger request bodies get 413")
+    router.add_argument("--cors-origins", default=_env("MODELYARD_CORS_ORIGINS", ""),
+                        help="comma-separated origins allowed by CORS ('*' for any); default: CORS off")
     router.add_argument("--log-level", default=_env("MODELYARD_LOG_LEVEL", "info"))
 
     child = parser.add_argument_group("model defaults (passed to every child)")
@@ -138,6 +145,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
         models_ttl_s=args.models_ttl,
         memory_reserve_mb=args.memory_reserve_mb,
         hf_token=args.hf_token,
+        max_body_bytes=args.max_body_bytes,
+        cors_origins=[o.strip() for o in str(args.cors_origins).split(",") if o.strip()],
         global_child_args=child_args,
     )
     return settings, args.log_level

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from router.routes.openai import proxy_get
 
@@ -14,6 +15,16 @@ router = APIRouter()
 @router.get("/health")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/metrics", response_model=None)
+async def metrics(request: Request) -> Response:
+    """The router's metrics and every running child's; `?model=X` asks only that child."""
+    if request.query_params.get("model"):
+        return await proxy_get(request)
+    registry = request.app.state.registry
+    body = await registry.metrics.render(list(registry.records.values()), request.app.state.http)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/props", response_model=None)

@@ -58,6 +58,35 @@ async def unload_model(request: Request) -> dict[str, Any]:
     return {"success": True}
 
 
+@router.get("/models/logs")
+async def model_logs(request: Request) -> EventSourceResponse:
+    """SSE of one model's log lines: the recent ones kept in its ring, then live ones."""
+    name = request.query_params.get("model")
+    if not name:
+        raise InvalidRequest("model name is missing from the request")
+    registry = registry_of(request)
+    record = registry.lookup(name)
+    if record is None:
+        raise NotFound(f"model '{name}' not found")
+    subscription = registry.logs.live.subscribe()
+    recent = registry.logs.recent(record.name)
+
+    async def lines() -> AsyncIterator[ServerSentEvent]:
+        try:
+            for entry in recent:
+                yield ServerSentEvent(json.dumps(entry))
+            while True:
+                message = await subscription.next()
+                if message is None:
+                    return
+                if message["model"] == record.name:
+                    yield ServerSentEvent(json.dumps(message["data"]))
+        finally:
+            subscription.close()
+
+    return EventSourceResponse(lines(), ping=request.app.state.settings.sse_ping_interval_s)
+
+
 @router.post("/models")
 async def download_model(request: Request) -> dict[str, Any]:
     """Start a Hugging Face download of `user/repo[:quant]`; progress comes on /models/sse."""

@@ -1,0 +1,120 @@
+"""The router's GET /metrics: its own counters, plus every running child's metrics labelled by model.
+
+Children are asked only while they are loaded or sleeping (a child's /metrics does not wake it),
+so a scrape never loads or wakes a model. Their families are merged by name, each sample with a
+`model` label, so the output stays valid Prometheus text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from router.model_record import ModelRecord
+from router.model_status import ModelStatus
+
+log = logging.getLogger(__name__)
+
+CHILD_SCRAPE_TIMEOUT_S = 2.0
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.loads = Counter("modelyard_router_loads", "Children spawned", ["model"], registry=self.registry)
+        self.load_seconds = Histogram("modelyard_router_load_duration_seconds", "Spawn to ready",
+                                      ["model"], registry=self.registry,
+                                      buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.crashes = Counter("modelyard_router_crashes", "Children that exited with a non-zero code",
+                               ["model"], registry=self.registry)
+        self.requests = Counter("modelyard_router_requests", "Proxied requests by answer status",
+                                ["model", "code"], registry=self.registry)
+        self.proxied_bytes = Counter("modelyard_router_proxied_bytes", "Response bytes relayed from children",
+                                     ["model"], registry=self.registry)
+
+    def on_transition(self, record: ModelRecord, old: ModelStatus, new: ModelStatus, exit_code: int | None,
+                      load_seconds: float | None) -> None:
+        if new == ModelStatus.LOADING and old != ModelStatus.LOADING:
+            self.loads.labels(record.name).inc()
+        elif new == ModelStatus.LOADED and old == ModelStatus.LOADING and load_seconds is not None:
+            self.load_seconds.labels(record.name).observe(load_seconds)
+        elif new == ModelStatus.UNLOADED and exit_code not in (None, 0):
+            self.crashes.labels(record.name).inc()
+
+    def watch(self, records: dict[str, ModelRecord], queue_length: Callable[[], int],
+              evictions: Callable[[], int]) -> None:
+        self.registry.register(_LiveCollector(records, queue_length, evictions))
+
+    async def render(self, records: Iterable[ModelRecord], client: httpx.AsyncClient) -> bytes:
+        own = generate_latest(self.registry)
+        running = [r for r in records if r.status in (ModelStatus.LOADED, ModelStatus.SLEEPING) and r.port]
+        texts = await asyncio.gather(*(_scrape(client, r) for r in running))
+        merged: dict[str, Metric] = {}
+        for record, text in zip(running, texts, strict=True):
+            if not text:
+                continue
+            try:
+                families = list(text_string_to_metric_families(text))
+            except ValueError as exc:
+                log.warning("[%s] unreadable /metrics: %s", record.name, exc)
+                continue
+            for family in families:
+                target = merged.get(family.name)
+                if target is None:
+                    target = merged[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    target.add_sample(sample.name, {**sample.labels, "model": record.name}, sample.value,
+                                      sample.timestamp, sample.exemplar)
+        if not merged:
+            return own
+        children = CollectorRegistry(auto_describe=False)
+        children.register(_StaticCollector(list(merged.values())))
+        return own + generate_latest(children)
+
+
+async def _scrape(client: httpx.AsyncClient, record: ModelRecord) -> str:
+    try:
+        response = await client.get(f"http://127.0.0.1:{record.port}/metrics", timeout=CHILD_SCRAPE_TIMEOUT_S)
+    except httpx.HTTPError:
+        return ""
+    return response.text if response.status_code == 200 else ""
+
+
+class _StaticCollector(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+class _LiveCollector(Collector):
+    """Read from the registry at scrape time."""
+
+    def __init__(self, records: dict[str, ModelRecord], queue_length: Callable[[], int],
+                 evictions: Callable[[], int]) -> None:
+        self.records = records
+        self.queue_length = queue_length
+        self.evictions = evictions
+
+    def collect(self) -> Iterator[Metric]:
+        status = GaugeMetricFamily("modelyard_router_model_status", "1 for each model's current status",
+                                   labels=["model", "status"])
+        in_flight = GaugeMetricFamily("modelyard_router_in_flight", "Requests holding a model", labels=["model"])
+        for record in list(self.records.values()):
+            for value in ModelStatus:
+                status.add_metric([record.name, str(value)], 1.0 if record.status == value else 0.0)
+            in_flight.add_metric([record.name], record.in_flight)
+        yield status
+        yield in_flight
+        yield GaugeMetricFamily("modelyard_router_queue_length", "Loads waiting for room",
+                                value=self.queue_length())
+        yield CounterMetricFamily("modelyard_router_evictions", "Models unloaded to make room",
+                                  value=self.evictions())
