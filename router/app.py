@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -78,6 +80,12 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     app.include_router(models.router)
     app.include_router(openai.router)
     app.include_router(streams.router)
+
+    dashboard = Path(__file__).parent / "static" / "index.html"
+
+    @app.get("/", include_in_schema=False)
+    async def _dashboard() -> FileResponse:
+        return FileResponse(dashboard, media_type="text/html")
 
     @app.get("/{path:path}", include_in_schema=False)
     async def _get_with_model(request: Request, path: str) -> Response:

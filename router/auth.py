@@ -7,7 +7,8 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-OPEN_PATHS = frozenset({"/health", "/v1/health"})
+# The dashboard page holds no data: it asks for the key and sends it with every call it makes.
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/"})
 
 
 class ApiKeyMiddleware:

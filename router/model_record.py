@@ -26,6 +26,7 @@ class ModelRecord:
         self.draining = False  # chosen for eviction by a waiting load: takes no new requests
         self.last_used = 0.0
         self.loading_since = 0.0
+        self.last_used_wall = 0.0  # time.time() of the last request, for people to read
         self.lock = asyncio.Lock()
         # Settled when a load ends: None = ready, an int = the child exited with that code.
         self.ready: asyncio.Future[int | None] | None = None
@@ -53,6 +54,8 @@ class ModelRecord:
         }
         if self.status.is_running and self.meta:
             entry["meta"] = self.meta
+        entry["in_flight"] = self.in_flight
+        entry["last_used"] = round(self.last_used_wall, 3) if self.last_used_wall else None
         if self.child is not None and self.child.pid is not None:
             entry["memory"] = {"rss_bytes": tree_rss_bytes(self.child.pid)}
         return entry

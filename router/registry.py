@@ -143,6 +143,7 @@ class Registry:
             await self.room_changed()
         record.in_flight += 1
         record.last_used = time.monotonic()
+        record.last_used_wall = time.time()
         lease = Lease(self, record)
         try:
             await self._ensure_ready(record)

@@ -109,7 +109,7 @@ def test_operations_api_key_guards_everything_but_health(start_router, tiny_mode
     assert router.client.get("/health").status_code == 200
     for method, path in [("GET", "/models"), ("GET", "/v1/models"), ("GET", "/models/sse"),
                          ("GET", "/models/logs?model=a"), ("GET", "/metrics"), ("GET", "/props"),
-                         ("POST", "/v1/chat/completions"), ("POST", "/models/load"), ("GET", "/")]:
+                         ("POST", "/v1/chat/completions"), ("POST", "/models/load")]:
         assert router.client.request(method, path).status_code == 401, path
         assert router.client.request(method, path, headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = router.client.post("/v1/chat/completions", json={"model": "f", "messages": []},

@@ -1,0 +1,53 @@
+"""The dashboard in a real browser: Debian's chromium driven by Playwright (no browser download)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_preset
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian's chromium is not installed (make test installs it)")
+
+
+def test_dashboard_loads_a_model_and_streams_a_chat(start_router, tiny_model: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    router = start_router(tiny_preset(tiny_model, ["tiny"], extra="n-predict = 24\n"), "--api-key", "d4sh")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(router.url + "/")
+            # With --api-key the page asks for the key first.
+            expect(page.locator("#keybox")).to_be_visible(timeout=15_000)
+            page.fill("#key", "d4sh")
+            page.click("#savekey")
+            row = page.locator('tr[data-model="tiny"]')
+            expect(row.locator('[data-role="status"]')).to_have_text("unloaded", timeout=15_000)
+            row.locator('[data-role="load"]').click()
+            expect(row.locator('[data-role="status"]')).to_have_text("loaded", timeout=60_000)
+            events = page.locator("#events")
+            expect(events).to_contain_text("tiny: loading")
+            text = events.inner_text()
+            # Newest first: "loaded" stands above "loading".
+            assert text.index("tiny: loaded") < text.index("tiny: loading")
+
+            page.select_option("#chatmodel", "tiny")
+            page.fill("#prompt", "hello world")
+            page.click("#send")
+            expect(page.locator("#chatstate")).to_have_text("done", timeout=60_000)
+            assert page.locator("#answer pre").inner_text().strip() != ""
+            expect(page.locator("#logs")).to_contain_text("serving tiny on http://", timeout=15_000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        finally:
+            browser.close()
