@@ -15,6 +15,7 @@ from router.errors import ConfigError, InvalidRequest, NotFound
 from router.hf_cache import list_cached_models, remove_cached_model
 from router.model_sources import SOURCE_CACHE, collect_specs
 from router.model_status import ModelStatus
+from router.routes import schemas
 from router.routes.common import json_body, model_field, registry_of
 
 router = APIRouter()
@@ -34,7 +35,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [r.to_json(created) for r in registry.records.values()]}
 
 
-@router.post("/models/load")
+@router.post("/models/load", openapi_extra=schemas.MODEL_ONLY)
 async def load_model(request: Request) -> dict[str, Any]:
     _, data = await json_body(request)
     name = model_field(data)
@@ -44,7 +45,7 @@ async def load_model(request: Request) -> dict[str, Any]:
     return {"success": True}
 
 
-@router.post("/models/unload")
+@router.post("/models/unload", openapi_extra=schemas.MODEL_ONLY)
 async def unload_model(request: Request) -> dict[str, Any]:
     _, data = await json_body(request)
     name = model_field(data)
@@ -87,7 +88,7 @@ async def model_logs(request: Request) -> EventSourceResponse:
     return EventSourceResponse(lines(), ping=request.app.state.settings.sse_ping_interval_s)
 
 
-@router.post("/models")
+@router.post("/models", openapi_extra=schemas.MODEL_ONLY)
 async def download_model(request: Request) -> dict[str, Any]:
     """Start a Hugging Face download of `user/repo[:quant]`; progress comes on /models/sse."""
     _, data = await json_body(request)

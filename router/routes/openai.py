@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from router.errors import InvalidRequest
 from router.proxy import relay
+from router.routes import schemas
 from router.routes.common import autoload_of, json_body, model_field, registry_of, unless_client_leaves
 
 router = APIRouter()
@@ -32,8 +33,11 @@ async def proxy_post(request: Request) -> Response:
                        request.headers.items(), raw)
 
 
+_BODY_SCHEMAS = {"/v1/chat/completions": schemas.CHAT, "/v1/completions": schemas.COMPLETION}
+
 for _path in PROXIED_POSTS:
-    router.add_api_route(_path, proxy_post, methods=["POST"], include_in_schema=_path.startswith("/v1/"))
+    router.add_api_route(_path, proxy_post, methods=["POST"], include_in_schema=_path.startswith("/v1/"),
+                         openapi_extra=_BODY_SCHEMAS.get(_path, schemas.MODEL_ONLY))
 
 
 async def proxy_get(request: Request) -> Response:

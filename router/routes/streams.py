@@ -12,6 +12,7 @@ from router.errors import InvalidRequest, NotFound, Unavailable
 from router.model_record import ModelRecord
 from router.model_status import ModelStatus
 from router.proxy import relay
+from router.routes import schemas
 from router.routes.common import json_body, registry_of
 
 router = APIRouter()
@@ -74,7 +75,7 @@ async def cancel_by_path(request: Request, conv_id: str) -> Response:
     return await _cancel(request, conv_id)
 
 
-@router.post("/v1/streams/lookup")
+@router.post("/v1/streams/lookup", openapi_extra=schemas.LOOKUP)
 async def lookup(request: Request) -> list[dict[str, Any]]:
     """Only the asked ids; asks each owning child about its own ids and merges the answers."""
     _, data = await json_body(request)
