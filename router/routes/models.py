@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from router.errors import ConfigError, InvalidRequest, NotFound
+from router.events import Subscription
 from router.hf_cache import list_cached_models, remove_cached_model
 from router.model_sources import SOURCE_CACHE, collect_specs
 from router.model_status import ModelStatus
@@ -70,22 +71,8 @@ async def model_logs(request: Request) -> EventSourceResponse:
     if record is None:
         raise NotFound(f"model '{name}' not found")
     subscription = registry.logs.live.subscribe()
-    recent = registry.logs.recent(record.name)
-
-    async def lines() -> AsyncIterator[ServerSentEvent]:
-        try:
-            for entry in recent:
-                yield ServerSentEvent(json.dumps(entry))
-            while True:
-                message = await subscription.next()
-                if message is None:
-                    return
-                if message["model"] == record.name:
-                    yield ServerSentEvent(json.dumps(message["data"]))
-        finally:
-            subscription.close()
-
-    return EventSourceResponse(lines(), ping=request.app.state.settings.sse_ping_interval_s)
+    return sse_feed(request, subscription, registry.logs.recent(record.name),
+                    select=lambda message: message["data"] if message["model"] == record.name else None)
 
 
 @router.post("/models", openapi_extra=schemas.MODEL_ONLY)
@@ -133,15 +120,25 @@ async def models_sse(request: Request) -> EventSourceResponse:
             data["exit_code"] = record.exit_code
         snapshot.append({"model": record.name, "event": "status_change", "data": data})
 
+    return sse_feed(request, subscription, snapshot)
+
+
+def sse_feed(request: Request, subscription: Subscription, first: list[dict[str, Any]],
+             select: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda message: message,
+             ) -> EventSourceResponse:
+    """An SSE response: `first` items, then each live message that `select` keeps, until dropped."""
+
     async def events() -> AsyncIterator[ServerSentEvent]:
         try:
-            for initial in snapshot:
+            for initial in first:
                 yield ServerSentEvent(json.dumps(initial))
             while True:
                 message = await subscription.next()
                 if message is None:
                     return
-                yield ServerSentEvent(json.dumps(message))
+                kept = select(message)
+                if kept is not None:
+                    yield ServerSentEvent(json.dumps(kept))
         finally:
             subscription.close()
 
