@@ -114,3 +114,19 @@ def test_engine_sleeps_when_idle_and_wakes_through_the_router(start_router, tiny
         assert re.search(r"model tiny sleeping->loaded", router.log_text())
     finally:
         feed.close()
+
+
+def test_engine_reuses_the_prompt_prefix_of_the_previous_request(start_child, tiny_model: Path) -> None:
+    child = start_child(tiny_model, "-np", "1", "-c", "1024", "-t", "1")
+    body = {"prompt": "the capital of France is Paris and the capital", "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True}
+    first = child.client.post("/v1/completions", json=body).json()
+    second = child.client.post("/v1/completions", json=body).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == first["usage"]["prompt_tokens"] - 1  # all but the last token, which must be fed again
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert second["timings"]["prompt_n"] == 1
+    uncached = child.client.post("/v1/completions", json={**body, "cache_prompt": False}).json()
+    assert uncached["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert uncached["choices"][0]["text"] == first["choices"][0]["text"]
