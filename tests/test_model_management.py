@@ -17,7 +17,7 @@ CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "te
         "ignore_eos": True}
 
 
-def _slow_fake(name: str, tokens: int = 40) -> str:
+def _slow_fake(name: str, tokens: int = 100) -> str:
     command = fake_bin("--tokens", str(tokens), "--token-delay", "0.02")
     return f"[{name}]\nmodel = /unused/{name}.gguf\nbin = {command}\n"
 
@@ -50,7 +50,7 @@ def test_management_waiters_for_one_model_share_one_load(start_router, tiny_mode
 
 
 def test_management_models_queue_refuses_with_503_and_retry_after(start_router, tiny_model: Path) -> None:
-    router = start_router(tiny_preset(tiny_model, ["b", "c"]) + _slow_fake("busy", tokens=60), "--models-max", "1",
+    router = start_router(tiny_preset(tiny_model, ["b", "c"]) + _slow_fake("busy", tokens=150), "--models-max", "1",
                           "--models-queue", "1")
     body = {"model": "busy", "stream": True, "messages": [{"role": "user", "content": "x"}]}
     with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
