@@ -3,8 +3,10 @@
 Two limits: --models-max resident children, and memory (the model's estimated size must fit in
 what psutil reports as available, less a reserve). To make room, the least recently used idle
 model is stopped; pinned models and models with a request in flight are never evicted. When
-nothing can be evicted yet, the load waits (in FIFO order: the admission lock is fair) until a
-model becomes idle; when nothing could ever make it fit, it is refused at once with the numbers.
+every candidate is busy, the load waits (in FIFO order: the admission lock is fair) and drains the
+least recently used one: it finishes its requests but takes no new ones, so the wait is bounded
+even under constant traffic. When nothing could ever make it fit, it is refused at once with the
+numbers.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Admission:
 
     def estimate_bytes(self, record: ModelRecord, model_path: str | None = None) -> int | None:
         path = model_path or record.resolved_model_path or record.spec.model_value
-        if not path or path.startswith("pkg:"):
+        if not path or path.startswith(PACKAGE_PREFIX):
             return None
         return estimate_model_bytes(path, context_of(record.spec))
 
