@@ -48,6 +48,9 @@ class ServeSettings:
         alias = (args.alias or "").split(",")[0].strip() or Path(args.model).stem
         if args.parallel < 1:
             raise ValueError("--parallel must be at least 1")
+        if args.batch_size < args.parallel:
+            # Every slot puts one token in each batch; a batch over n_batch aborts inside GGML.
+            raise ValueError(f"--batch-size ({args.batch_size}) must be at least --parallel ({args.parallel})")
         return cls(
             model_path=args.model,
             alias=alias,
