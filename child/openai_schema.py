@@ -45,7 +45,7 @@ class GenerationBody(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repeat_penalty: float | None = Field(default=None, ge=0.0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0)  # libllama: must be > 0
     repeat_last_n: int | None = Field(default=None, ge=-1)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False

@@ -130,3 +130,18 @@ def test_engine_reuses_the_prompt_prefix_of_the_previous_request(start_child, ti
     uncached = child.client.post("/v1/completions", json={**body, "cache_prompt": False}).json()
     assert uncached["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert uncached["choices"][0]["text"] == first["choices"][0]["text"]
+
+
+def test_engine_penalties_and_logit_bias_are_applied(start_child, tiny_model: Path) -> None:
+    child = start_child(tiny_model, "-np", "2", "-c", "1024", "-t", "1")
+    base = {"prompt": "hello world", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    plain = child.client.post("/v1/completions", json=base).json()
+    penalised = child.client.post("/v1/completions", json={
+        **base, "repeat_penalty": 1.5, "presence_penalty": 1.5, "frequency_penalty": 1.5}).json()
+    assert penalised["usage"]["completion_tokens"] == 12
+    assert penalised["choices"][0]["text"] != plain["choices"][0]["text"]
+    forced = child.client.post("/v1/completions", json={**base, "logit_bias": {"300": 100.0}}).json()
+    text = forced["choices"][0]["text"]
+    assert text and len(set(text.strip())) == 1, text  # token 300 ("p") every time
+    # The engine is still healthy for everyone after all of that.
+    assert child.client.post("/v1/completions", json=base).json()["choices"][0]["text"] == plain["choices"][0]["text"]

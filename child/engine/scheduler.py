@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,9 @@ from child.engine.sampling import Sampler
 from child.engine.text_output import TextAssembler
 
 log = logging.getLogger(__name__)
+
+
+EXIT_ENGINE_FAILED = 4
 
 
 class QueueFull(RuntimeError):
@@ -159,7 +163,10 @@ class Scheduler:
                 if any(s.request for s in self.slots):
                     self._step()
         except Exception:  # noqa: BLE001 - the loop must report, not vanish silently
-            log.exception("scheduler loop failed")
+            log.exception("scheduler loop failed: the child exits so that the router can start a new one")
+            self._fail_everything("the engine failed")
+            # A child without its decode loop serves nothing: leave, non-zero, and be replaced.
+            os._exit(EXIT_ENGINE_FAILED)
         finally:
             with self._cv:
                 self._stopping = True  # no request may wait on a loop that no longer runs
@@ -250,7 +257,12 @@ class Scheduler:
             best = max(free, key=lambda s: (_common_prefix(s.cached, tokens) if request.cache_prompt else 0,
                                             -s.seq_id))
             free.remove(best)
-            self._start(best, request, tokens)
+            try:
+                self._start(best, request, tokens)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+                log.exception("request %d could not start", request.id)
+                best.request = request
+                self._finish_failed(best, f"the request could not start: {type(exc).__name__}: {exc}")
 
     def _start(self, slot: Slot, request: GenerationRequest, tokens: list[int]) -> None:
         assert self.model is not None

@@ -19,7 +19,10 @@ MESSAGES = {"type": "array", "items": {"type": "object", "properties": {
 SAMPLING = {
     "max_tokens": {"type": "integer"}, "temperature": {"type": "number"}, "top_p": {"type": "number"},
     "top_k": {"type": "integer"}, "seed": {"type": "integer"}, "stream": {"type": "boolean"},
-    "stop": {"type": "array", "items": {"type": "string"}},
+    "stop": {"type": "array", "items": {"type": "string"}}, "min_p": {"type": "number"},
+    "presence_penalty": {"type": "number"}, "frequency_penalty": {"type": "number"},
+    "repeat_penalty": {"type": "number"}, "logit_bias": {"type": "object", "additionalProperties": {"type": "number"}},
+    "ignore_eos": {"type": "boolean"},
 }
 CHAT = json_body({"model": MODEL, "messages": MESSAGES, **SAMPLING}, ["model", "messages"])
 COMPLETION = json_body({"model": MODEL, "prompt": {"type": "string"}, **SAMPLING}, ["model", "prompt"])
