@@ -32,9 +32,9 @@ class Sampler:
     """Owns one libllama sampler chain; `sample` also records the token for the penalties.
 
     Plain greedy decoding (no penalties, no bias) skips the chain: llama_sampler_sample copies the
-    whole vocabulary into a candidate array on every call, which is most of the time a step spends
-    outside llama_decode; an argmax over the logits picks the same token (the first maximum, as
-    libllama's greedy sampler does) for a fraction of the cost.
+    whole vocabulary into a candidate array on every call, while an argmax over the logits picks
+    the same token (the first maximum, as libllama's greedy sampler does). Measured on SmolLM2:
+    0.057 ms against 0.009 ms per sampled token; small next to a 35 ms step, but free.
     """
 
     def __init__(self, params: SamplingParams, n_vocab: int) -> None:
