@@ -148,6 +148,16 @@ class CompletionBody(GenerationBody):
         return self.prompt
 
 
+class TokenizeBody(BaseModel):
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    tokens: list[int]
+
+
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,14 +17,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from child.engine.chat_template import ChatTemplateError
+from child.engine.llama_model import LlamaModel
 from child.engine.requests import Delta, Done, Failed
+from child.engine.scheduler import EngineStopped
 from child.generation import Generation
 from child.metrics import metrics_registry
 from child.openai_schema import (
     ChatCompletionBody,
     CompletionBody,
+    DetokenizeBody,
     GenerationBody,
     RequestError,
+    TokenizeBody,
     parse_body,
 )
 from child.protocol import ChildState
@@ -152,6 +157,42 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
         body = parse_body(await request.body(), CompletionBody)
         return await _generate(runtime, body, body.prompt_value(), add_special=True, chat=False,
                                conversation_id=conversation_id_of(request))
+
+    async def on_model(work: Callable[[LlamaModel], Any]) -> Any:
+        require_ready()
+        assert runtime.scheduler is not None
+        try:
+            return await asyncio.wrap_future(runtime.scheduler.call(work))
+        except EngineStopped as exc:
+            raise RequestError(str(exc), 503, "unavailable_error") from exc
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = parse_body(await request.body(), TokenizeBody)
+        tokens = await on_model(lambda m: m.tokenize(body.content, body.add_special, parse_special=True))
+        if not body.with_pieces:
+            return {"tokens": tokens}
+        pieces = await on_model(lambda m: [m.token_piece(t).decode("utf-8", errors="replace") for t in tokens])
+        return {"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces, strict=True)]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = parse_body(await request.body(), DetokenizeBody)
+        if runtime.n_vocab is not None and any(t < 0 or t >= runtime.n_vocab for t in body.tokens):
+            raise RequestError(f"token ids must be in 0..{runtime.n_vocab - 1}")
+        data = await on_model(lambda m: b"".join(m.token_piece(t) for t in body.tokens))
+        return {"content": data.decode("utf-8", errors="replace")}
+
+    @app.post("/apply-template")
+    async def apply_template(request: Request) -> dict[str, Any]:
+        require_ready()
+        body = parse_body(await request.body(), ChatCompletionBody)
+        if runtime.template is None:
+            raise RequestError("this model has no chat template")
+        try:
+            return {"prompt": runtime.template.render(body.template_messages())}
+        except ChatTemplateError as exc:
+            raise RequestError(str(exc)) from exc
 
     app.include_router(build_router(runtime))
     return app

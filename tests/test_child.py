@@ -194,3 +194,15 @@ def test_child_stop_strings_never_leak(plain_child: str) -> None:
         text = cut["choices"][0]["text"]
         assert cut["choices"][0]["finish_reason"] == "stop"
         assert text == full[: full.index(stop)]
+
+
+def test_child_tokenize_detokenize_and_apply_template(plain_child: str) -> None:
+    with httpx.Client(base_url=plain_child, timeout=30) as client:
+        tokens = client.post("/tokenize", json={"content": "hello world"}).json()["tokens"]
+        assert tokens and all(isinstance(t, int) for t in tokens)
+        assert client.post("/detokenize", json={"tokens": tokens}).json()["content"].strip() == "hello world"
+        pieces = client.post("/tokenize", json={"content": "hello", "with_pieces": True}).json()["tokens"]
+        assert "".join(p["piece"] for p in pieces).strip() == "hello"
+        assert client.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
+        prompt = client.post("/apply-template", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+        assert prompt["prompt"] == "<|user|>hi\n<|assistant|>"

@@ -41,6 +41,10 @@ def test_router_autoloads_on_first_request_and_resolves_aliases(start_router, ti
     # GET routes reach the child with ?model=
     props = router.client.get("/props", params={"model": "tiny-a"}).json()
     assert props["model_alias"] == "tiny-a" and props["total_slots"] == 2
+    # llama-server's utility routes go through too, routed by the body's model.
+    tokens = router.client.post("/tokenize", json={"model": "ta", "content": "hello"}).json()["tokens"]
+    text = router.client.post("/detokenize", json={"model": "ta", "tokens": tokens}).json()["content"]
+    assert text.strip() == "hello"
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [

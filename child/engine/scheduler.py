@@ -13,12 +13,14 @@ request arrives, so no other thread ever sees a freed context.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import llama_cpp as llama
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 
 EXIT_ENGINE_FAILED = 4
+T = TypeVar("T")
 
 
 class QueueFull(RuntimeError):
@@ -100,6 +103,7 @@ class Scheduler:
         self.slots = [Slot(seq_id=i) for i in range(self.n_parallel)]
         self.stats = EngineStats()
         self._incoming: collections.deque[GenerationRequest] = collections.deque()
+        self._calls: list[tuple[Callable[[LlamaModel], object], concurrent.futures.Future[object]]] = []
         self._waiting: collections.deque[tuple[GenerationRequest, list[int]]] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -157,6 +161,9 @@ class Scheduler:
                         continue
                     arrivals = list(self._incoming)
                     self._incoming.clear()
+                    calls = list(self._calls)
+                    self._calls.clear()
+                self._run_calls(calls)
                 self._accept(arrivals)
                 self._cancel_abandoned()
                 self._admit()
@@ -174,7 +181,34 @@ class Scheduler:
             llama.llama_batch_free(self._batch)
 
     def _has_work_locked(self) -> bool:
-        return bool(self._incoming or self._waiting or any(s.request for s in self.slots))
+        return bool(self._incoming or self._calls or self._waiting or any(s.request for s in self.slots))
+
+    def call(self, work: Callable[[LlamaModel], T]) -> concurrent.futures.Future[T]:
+        """Run `work(model)` on the scheduler thread between two steps (waking a sleeping model).
+
+        For what needs the model but is no generation (tokenizing, say): only this thread may
+        touch the model, since it is also the one that frees it when it sleeps.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cv:
+            if self._stopping or not self._thread.is_alive():
+                raise EngineStopped("the server is shutting down")
+            self._calls.append((work, future))  # type: ignore[arg-type]
+            self._cv.notify()
+        return future
+
+    def _run_calls(self, calls: list[tuple[Callable[[LlamaModel], object], concurrent.futures.Future[object]]]
+                   ) -> None:
+        if not calls:
+            return
+        self._last_activity = time.monotonic()
+        model = self._wake_model()
+        for work, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work(model))
+                except Exception as exc:  # noqa: BLE001 - the caller gets the error
+                    future.set_exception(exc)
 
     def _wait_idle_locked(self) -> None:
         """Block until a request arrives; sleep the model if none comes for sleep_idle_s."""
@@ -410,7 +444,11 @@ class Scheduler:
                 self._release(slot)
         with self._cv:
             pending = [r for r, _ in self._waiting] + list(self._incoming)
+            calls, self._calls = self._calls, []
             self._waiting.clear()
             self._incoming.clear()
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStopped(message))
         for request in pending:
             request.sink(Failed(message, 503, "unavailable_error"))
