@@ -19,7 +19,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import llama_cpp as llama
@@ -27,6 +26,7 @@ import llama_cpp as llama
 from child.engine.llama_model import LlamaModel
 from child.engine.requests import Accepted, Delta, Done, Failed, GenerationRequest
 from child.engine.sampling import Sampler
+from child.engine.slots import EngineStats, Slot, common_prefix
 from child.engine.text_output import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -42,46 +42,6 @@ class QueueFull(RuntimeError):
 
 class EngineStopped(RuntimeError):
     pass
-
-
-@dataclass
-class Slot:
-    seq_id: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV cells this seq holds, in order
-    request: GenerationRequest | None = None
-    prompt: list[int] = field(default_factory=list)
-    prompt_pos: int = 0  # next prompt token to feed
-    n_reused: int = 0
-    next_token: int = -1  # sampled, not yet decoded
-    generated: int = 0
-    sampler: Sampler | None = None
-    text: TextAssembler | None = None
-    t_start: float = 0.0
-    t_first_token: float = 0.0
-
-    @property
-    def prefilling(self) -> bool:
-        return self.prompt_pos < len(self.prompt)
-
-
-@dataclass
-class EngineStats:
-    prompt_tokens_total: int = 0
-    generated_tokens_total: int = 0
-    requests_total: int = 0
-    decode_calls_total: int = 0
-    batch_tokens_total: int = 0
-    sequences_decoded_total: int = 0  # sum over decode calls of the sequences sampled in each
-    decode_seconds_total: float = 0.0
-    last_batch_size: int = 0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class Scheduler:
@@ -288,7 +248,7 @@ class Scheduler:
             request, tokens = self._waiting.popleft()
             # Prefer the free slot that already holds the longest prefix of this prompt (prompt
             # cache); among equals the lowest seq id.
-            best = max(free, key=lambda s: (_common_prefix(s.cached, tokens) if request.cache_prompt else 0,
+            best = max(free, key=lambda s: (common_prefix(s.cached, tokens) if request.cache_prompt else 0,
                                             -s.seq_id))
             free.remove(best)
             try:
@@ -300,7 +260,7 @@ class Scheduler:
 
     def _start(self, slot: Slot, request: GenerationRequest, tokens: list[int]) -> None:
         assert self.model is not None
-        reuse = _common_prefix(slot.cached, tokens) if request.cache_prompt else 0
+        reuse = common_prefix(slot.cached, tokens) if request.cache_prompt else 0
         reuse = min(reuse, len(tokens) - 1)  # feed at least one token to get logits
         if not llama.llama_memory_seq_rm(self.model.memory, slot.seq_id, reuse, -1):
             # Some caches (sliding window, recurrent) cannot drop a suffix: start the seq over.
