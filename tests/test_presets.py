@@ -145,3 +145,22 @@ def test_status_transitions_follow_the_diagram() -> None:
                      ("unloaded", "downloading")]:
         with pytest.raises(InvalidTransition):
             check_transition(ModelStatus(old), ModelStatus(new))
+
+
+def test_preset_example_file_uses_every_key_validly() -> None:
+    path = Path(__file__).resolve().parent.parent / "presets" / "example.ini"
+    specs = {s.name: s for s in collect_specs(RouterSettings(models_preset=str(path)))}
+    assert set(specs) == {"chat", "base", "llama-cpp", "any-server"}
+    assert specs["chat"].pinned and specs["chat"].load_on_startup and specs["chat"].tags == ("chat", "english")
+    assert specs["base"].ttl_s == 300 and specs["base"].options["ctx-size"] == "4096"
+    assert specs["llama-cpp"].foreign_bin == ("/usr/local/bin/llama-server",)
+    assert specs["any-server"].foreign_cmd[:2] == ("modelyard-child", "-m")
+    assert not specs["any-server"].speaks_protocol and specs["any-server"].load_timeout_s == 120
+
+
+def test_preset_default_file_serves_the_two_bundled_models() -> None:
+    path = Path(__file__).resolve().parent.parent / "presets" / "default.ini"
+    specs = {s.name: s for s in collect_specs(RouterSettings(models_preset=str(path)))}
+    assert set(specs) == {"smollm2", "gemma3-270m"}
+    assert specs["smollm2"].load_on_startup
+    assert specs["gemma3-270m"].options["chat-template"] == "gemma"
