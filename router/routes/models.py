@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from router.errors import ConfigError, InvalidRequest, NotFound
 from router.events import Subscription
 from router.hf_cache import list_cached_models, remove_cached_model
+from router.model_record import ModelRecord
 from router.model_sources import SOURCE_CACHE, collect_specs
 from router.model_status import ModelStatus
 from router.routes import schemas
@@ -60,16 +61,21 @@ async def unload_model(request: Request) -> dict[str, Any]:
     return {"success": True}
 
 
+def _model_in_query(request: Request, missing_message: str) -> ModelRecord:
+    name = request.query_params.get("model")
+    if not name:
+        raise InvalidRequest(missing_message)
+    record = registry_of(request).lookup(name)
+    if record is None:
+        raise NotFound(f"model '{name}' not found")
+    return record
+
+
 @router.get("/models/logs")
 async def model_logs(request: Request) -> EventSourceResponse:
     """SSE of one model's log lines: the recent ones kept in its ring, then live ones."""
-    name = request.query_params.get("model")
-    if not name:
-        raise InvalidRequest("model name is missing from the request")
+    record = _model_in_query(request, "model name is missing from the request")
     registry = registry_of(request)
-    record = registry.lookup(name)
-    if record is None:
-        raise NotFound(f"model '{name}' not found")
     subscription = registry.logs.live.subscribe()
     return sse_feed(request, subscription, registry.logs.recent(record.name),
                     select=lambda message: message["data"] if message["model"] == record.name else None)
@@ -89,13 +95,8 @@ async def download_model(request: Request) -> dict[str, Any]:
 @router.delete("/models")
 async def remove_model(request: Request) -> dict[str, Any]:
     """Remove a downloaded (cached) model: stop it, delete its files, forget it."""
-    name = request.query_params.get("model")
-    if not name:
-        raise InvalidRequest("model must be a non-empty string")
+    record = _model_in_query(request, "model must be a non-empty string")  # llama.cpp's words here
     registry = registry_of(request)
-    record = registry.lookup(name)
-    if record is None:
-        raise NotFound(f"model '{name}' not found")
     if record.spec.source != SOURCE_CACHE:
         raise InvalidRequest(f"model '{record.name}' is not a downloaded model (source: {record.spec.source})")
     if record.status == ModelStatus.DOWNLOADING:
