@@ -1,7 +1,9 @@
 """Admission: may one more child start, and whom to evict so that it can.
 
 Two limits: --models-max resident children, and memory (the model's estimated size must fit in
-what psutil reports as available, less a reserve). To make room, the least recently used idle
+what psutil reports as available, less a reserve; or, with --models-memory-mb, in that budget less
+what the resident children are estimated to take: psutil sees the host inside a container, and a
+fixed budget gives the same answer on every run). To make room, the least recently used idle
 model is stopped; pinned models and models with a request in flight are never evicted. When
 every candidate is busy, the load waits (in FIFO order: the admission lock is fair) and drains the
 least recently used one: it finishes its requests but takes no new ones, so the wait is bounded
@@ -52,8 +54,21 @@ class Admission:
             return None
         return estimate_model_bytes(path, context_of(record.spec))
 
+    def room_bytes(self, running: list[ModelRecord], reserve: int) -> int:
+        budget = int(self.settings.models_memory_mb * MIB)
+        if budget > 0:
+            return budget - sum(self.estimate_bytes(r) or 0 for r in running)
+        return available_bytes() - reserve
+
+    def describe_limit(self) -> str:
+        if self.settings.models_memory_mb > 0:
+            return f"--models-memory-mb {self.settings.models_memory_mb:.0f}"
+        return f"available memory less the {self.settings.memory_reserve_mb:.0f} MiB reserve"
+
     def resident_bytes(self, record: ModelRecord) -> int:
         """What stopping this model would give back: its measured RSS, else its estimate."""
+        if self.settings.models_memory_mb > 0:
+            return self.estimate_bytes(record) or 0  # the budget counts estimates, so must this
         if record.child is not None and record.child.pid is not None:
             rss = tree_rss_bytes(record.child.pid)
             if rss:
@@ -75,7 +90,7 @@ class Admission:
         while True:
             running = [r for r in records if r.status.is_running and r is not target]
             too_many = limit > 0 and len(running) >= limit
-            shortfall = need - (available_bytes() - reserve) if need is not None else 0
+            shortfall = need - self.room_bytes(running, reserve) if need is not None else 0
             if not too_many and shortfall <= 0:
                 return
             evictable = [r for r in running if not r.spec.pinned]
@@ -87,8 +102,8 @@ class Admission:
                 if shortfall > could_free:
                     raise Unavailable(
                         f"cannot load '{target.name}': it needs about {need // MIB} MiB, "  # type: ignore[operator]
-                        f"{available_bytes() // MIB} MiB are available, {reserve // MIB} MiB are kept in "
-                        f"reserve, and evicting every idle unpinned model would free only {could_free // MIB} MiB",
+                        f"{self.room_bytes(running, reserve) // MIB} MiB are free for it ({self.describe_limit()}), "
+                        f"and evicting every idle unpinned model would free only {could_free // MIB} MiB",
                         headers={"Retry-After": "10"})
             idle = [r for r in evictable if r.in_flight == 0 and r.status.can_serve]
             if idle:
@@ -131,8 +146,12 @@ def check_startup_fit(settings: RouterSettings, specs: list[ModelSpec]) -> None:
         if path.startswith(PACKAGE_PREFIX) and "/" in path:
             path = resolve_package_model(path)  # a file inside a package: no assembly needed
         need += estimate_model_bytes(path, context_of(spec)) or 0
-    room = available_bytes() - int(settings.memory_reserve_mb * MIB)
+    if settings.models_memory_mb > 0:
+        room = int(settings.models_memory_mb * MIB)
+        where = f"--models-memory-mb is {settings.models_memory_mb:.0f}"
+    else:
+        room = available_bytes() - int(settings.memory_reserve_mb * MIB)
+        where = f"only {max(room, 0) // MIB} MiB are available after the {settings.memory_reserve_mb:.0f} MiB reserve"
     if eager and need > room:
-        raise ConfigError(f"the load-on-startup models need about {need // MIB} MiB together, but only "
-                          f"{max(room, 0) // MIB} MiB are available after the {settings.memory_reserve_mb:.0f} MiB "
-                          "reserve: start fewer models at once or lower --memory-reserve-mb")
+        raise ConfigError(f"the load-on-startup models need about {need // MIB} MiB together, but {where}: "
+                          "start fewer models at once, or give them more memory")

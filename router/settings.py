@@ -32,6 +32,7 @@ class RouterSettings(BaseModel):
     models_queue: int = Field(default=64, ge=0)  # loads waiting for room before 503
     models_ttl_s: float = -1.0  # idle seconds before a model is unloaded; -1 = never
     memory_reserve_mb: float = 512.0  # kept free when admitting a model
+    models_memory_mb: float = 0.0  # a fixed budget for all children together; 0 = what psutil says
     hf_token: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     cors_origins: list[str] = Field(default_factory=list)  # empty: no CORS headers at all
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--memory-reserve-mb", type=float,
                         default=float(_env("MODELYARD_MEMORY_RESERVE_MB", "512") or 512),
                         help="memory kept free when admitting a model")
+    router.add_argument("--models-memory-mb", type=float,
+                        default=float(_env("MODELYARD_MODELS_MEMORY_MB", "0") or 0),
+                        help="memory budget for all children together (estimated sizes); 0 = use the "
+                             "machine's available memory less --memory-reserve-mb")
     router.add_argument("--hf-token", default=_env("HF_TOKEN"))
     router.add_argument("--max-body-bytes", type=int,
                         default=int(_env("MODELYARD_MAX_BODY_BYTES", str(16 * 1024 * 1024)) or 0),
@@ -144,6 +149,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
         models_queue=args.models_queue,
         models_ttl_s=args.models_ttl,
         memory_reserve_mb=args.memory_reserve_mb,
+        models_memory_mb=args.models_memory_mb,
         hf_token=args.hf_token,
         max_body_bytes=args.max_body_bytes,
         cors_origins=[o.strip() for o in str(args.cors_origins).split(",") if o.strip()],

@@ -113,7 +113,8 @@ def test_management_memory_admission_refuses_with_the_numbers(start_router, tiny
     refused = router.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT})
     assert refused.status_code == 503
     message = refused.json()["error"]["message"]
-    assert "cannot load 'tiny': it needs about" in message and "MiB are available" in message
+    assert "cannot load 'tiny': it needs about" in message and "MiB are free for it" in message
+    assert "available memory less the 100000000 MiB reserve" in message
     assert router.status("tiny") == "unloaded"
 
 
@@ -161,3 +162,19 @@ def test_management_reload_restarts_changed_models_and_drops_removed_ones(start_
         assert sorted(m["id"] for m in router.client.get("/models").json()["data"]) == ["a", "c"]
     finally:
         feed.close()
+
+
+def test_management_memory_budget_evicts_idle_models_to_make_room(start_router, tiny_model: Path) -> None:
+    from router.memory import MIB, estimate_model_bytes
+
+    one_model_mb = estimate_model_bytes(str(tiny_model), 2048) / MIB  # type: ignore[operator]
+    # Room for one tiny model at a time, and not for two.
+    budget = f"{one_model_mb * 1.5:.0f}"
+    router = start_router(tiny_preset(tiny_model, ["a", "b"]), "--models-memory-mb", budget, "--models-max", "0")
+    assert router.client.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
+    assert router.client.post("/v1/chat/completions", json={"model": "b", **CHAT}).status_code == 200
+    assert router.status("a") == "unloaded" and router.status("b") == "loaded"
+    assert "evicting a (least recently used, memory) to make room for b" in router.log_text()
+    small = start_router(tiny_preset(tiny_model, ["a"]), "--models-memory-mb", f"{one_model_mb / 2:.0f}")
+    refused = small.client.post("/v1/chat/completions", json={"model": "a", **CHAT})
+    assert refused.status_code == 503 and "(--models-memory-mb" in refused.json()["error"]["message"]
