@@ -33,6 +33,8 @@ def test_dashboard_loads_a_model_and_streams_a_chat(start_router, tiny_model: Pa
             page.click("#savekey")
             row = page.locator('tr[data-model="tiny"]')
             expect(row.locator('[data-role="status"]')).to_have_text("unloaded", timeout=15_000)
+            # The status feed is subscribed: no event of the load below can be missed.
+            expect(page.locator("#conn")).to_have_text("live", timeout=15_000)
             row.locator('[data-role="load"]').click()
             expect(row.locator('[data-role="status"]')).to_have_text("loaded", timeout=60_000)
             events = page.locator("#events")
