@@ -59,7 +59,6 @@ class Registry:
         self.admission = Admission(self)
         self.evictions_total = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self.downloading: set[str] = set()
         self.logs = ModelLogs()
         self.metrics = RouterMetrics()
         self.metrics.watch(self.records, lambda: self.admission.queued, lambda: self.evictions_total)
@@ -302,18 +301,15 @@ class Registry:
         record = ModelRecord(spec)
         record.status = ModelStatus.DOWNLOADING  # born downloading: no earlier status to leave
         self.records[spec.name] = record
-        self.downloading.add(spec.name)
         log.info("model %s downloading", spec.name)
         self.events.publish(spec.name, "status_change", {"status": str(ModelStatus.DOWNLOADING)})
         return record
 
     def finish_download(self, record: ModelRecord, spec: ModelSpec) -> None:
         record.spec = spec
-        self.downloading.discard(record.name)
         self.set_status(record, ModelStatus.UNLOADED, "(download finished)")
 
     def drop_download(self, record: ModelRecord) -> None:
-        self.downloading.discard(record.name)
         if self.records.get(record.name) is record:
             del self.records[record.name]
 
@@ -332,7 +328,7 @@ class Registry:
         for name, record in list(self.records.items()):
             spec = wanted.pop(name, None)
             if spec is None:
-                if name in self.downloading:
+                if record.status == ModelStatus.DOWNLOADING:
                     continue  # a download in progress is not in any source yet
                 async with record.lock:
                     await self._stop(record)

@@ -26,7 +26,6 @@ class RouterSettings(BaseModel):
     models_dir: str | None = None
     models_max: int = Field(default=4, ge=0)  # 0 = unlimited
     models_autoload: bool = True
-    sleep_idle_seconds: float = -1.0
     api_key: str | None = None
     timeout_s: float = 3600.0  # read timeout for a proxied request
     models_queue: int = Field(default=64, ge=0)  # loads waiting for room before 503
@@ -143,7 +142,6 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
         models_dir=args.models_dir,
         models_max=args.models_max,
         models_autoload=args.models_autoload,
-        sleep_idle_seconds=float(child_args.get("sleep-idle-seconds", -1.0)),
         api_key=api_key,
         timeout_s=args.timeout,
         models_queue=args.models_queue,
