@@ -40,6 +40,14 @@ def model_field(data: dict[str, Any]) -> str | None:
     return value
 
 
+def required_model_field(data: dict[str, Any], missing_message: str) -> str:
+    """The body's model name, or a 400 with `missing_message` (llama.cpp's wording differs by route)."""
+    name = model_field(data)
+    if not name:
+        raise InvalidRequest(missing_message)
+    return name
+
+
 def autoload_of(request: Request) -> bool:
     """?autoload=true|false overrides --models-autoload for one request, as in llama.cpp."""
     value = request.query_params.get("autoload")

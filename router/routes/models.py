@@ -18,7 +18,7 @@ from router.model_record import ModelRecord
 from router.model_sources import SOURCE_CACHE, collect_specs
 from router.model_status import ModelStatus
 from router.routes import schemas
-from router.routes.common import json_body, model_field, registry_of
+from router.routes.common import json_body, registry_of, required_model_field
 
 router = APIRouter()
 
@@ -40,9 +40,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.post("/models/load", openapi_extra=schemas.MODEL_ONLY)
 async def load_model(request: Request) -> dict[str, Any]:
     _, data = await json_body(request)
-    name = model_field(data)
-    if not name:
-        raise InvalidRequest("model name is missing from the request")
+    name = required_model_field(data, "model name is missing from the request")
     await registry_of(request).load(name)
     return {"success": True}
 
@@ -50,9 +48,7 @@ async def load_model(request: Request) -> dict[str, Any]:
 @router.post("/models/unload", openapi_extra=schemas.MODEL_ONLY)
 async def unload_model(request: Request) -> dict[str, Any]:
     _, data = await json_body(request)
-    name = model_field(data)
-    if not name:
-        raise InvalidRequest("model name is missing from the request")
+    name = required_model_field(data, "model name is missing from the request")
     record = registry_of(request).lookup(name)
     if record is not None and record.status == ModelStatus.DOWNLOADING:
         await request.app.state.downloads.cancel(record.name)  # returns once no partial file is left
@@ -85,9 +81,7 @@ async def model_logs(request: Request) -> EventSourceResponse:
 async def download_model(request: Request) -> dict[str, Any]:
     """Start a Hugging Face download of `user/repo[:quant]`; progress comes on /models/sse."""
     _, data = await json_body(request)
-    reference = model_field(data)
-    if not reference:
-        raise InvalidRequest("model must be a non-empty string")
+    reference = required_model_field(data, "model must be a non-empty string")
     name = await request.app.state.downloads.start(reference)
     return {"success": True, "model": name}
 
