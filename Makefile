@@ -8,13 +8,17 @@ PORT ?= 8080
 PRESET ?= presets/default.ini
 
 .PHONY: install browser run test test-reliability lint bench clean
-BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
 
-# llama-cpp-python compiles libllama on first install (about 8 minutes on 2 cores); pip keeps the
-# built wheel in its cache, so later installs on the same machine take seconds.
-$(STAMP): pyproject.toml
+LIBLLAMA_PATCHES := $(wildcard patches/llama-cpp-python/*.patch)
+
+# llama-cpp-python is built from source with modelyard's ggml patches (scripts/build-libllama.sh):
+# about 8 minutes on 2 cores the first time, then taken from ~/.cache/modelyard/wheels.
+$(STAMP): pyproject.toml scripts/build-libllama.sh $(LIBLLAMA_PATCHES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$$(scripts/build-libllama.sh $(PY))"
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -41,14 +45,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check router child tests
 	$(VENV)/bin/mypy
 
-$(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+# llama-cpp-python's server as its users get it: the upstream build, in a virtualenv of its own
+# (pip's wheel cache makes that install fast after the first).
+$(BENCH_STAMP):
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
 	touch $(BENCH_STAMP)
 
 # Compares modelyard's child, the router, llama-cpp-python's server and (with LLAMA_SERVER_BIN or
 # llama-server on PATH) llama.cpp's llama-server on SmolLM2. Takes a few minutes; not part of CI.
-bench: $(BENCH_STAMP)
-	$(PY) bench/compare.py
+bench: $(STAMP) $(BENCH_STAMP)
+	LLAMA_CPP_PYTHON=$(BENCH_VENV)/bin/python $(PY) bench/compare.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
