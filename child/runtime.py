@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from child.engine.chat_template import ChatTemplate, ChatTemplateError, resolve_template_source
-from child.engine.llama_model import ContextSettings, LlamaModel, default_threads
+from child.engine.llama_model import BUILD_INFO, ContextSettings, LlamaModel, default_threads
 from child.engine.sampling import SamplingParams
 from child.engine.scheduler import Scheduler
 from child.protocol import ChildState
@@ -105,9 +105,9 @@ class ChildRuntime:
     def _load_model(self, progress: Callable[[float], None] | None = None) -> LlamaModel:
         started = time.monotonic()
         model = LlamaModel(self.settings.model_path, self.settings.context, progress)
-        log.info("loaded %s in %.2f s (n_ctx %d, %d slots of %d tokens)", self.settings.model_path,
+        log.info("loaded %s in %.2f s (n_ctx %d, %d slots of %d tokens; %s)", self.settings.model_path,
                  time.monotonic() - started, model.n_ctx, self.settings.context.n_parallel,
-                 model.n_ctx_slot)
+                 model.n_ctx_slot, BUILD_INFO)
         return model
 
     def load(self) -> None:

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from child.engine.chat_template import ChatTemplateError
-from child.engine.llama_model import LlamaModel
+from child.engine.llama_model import BUILD_INFO, LlamaModel
 from child.engine.requests import Delta, Done, Failed
 from child.engine.scheduler import EngineStopped
 from child.generation import Generation
@@ -116,6 +116,7 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
                            "n_predict": settings.default_max_tokens},
             },
             "modalities": {"vision": False, "audio": False},
+            "build_info": BUILD_INFO,
         }
 
     metrics = metrics_registry(runtime)

@@ -25,6 +25,10 @@ _backend_ready = False
 _GGML_WARN, _GGML_ERROR, _GGML_CONT = 3, 4, 5
 _log_state = {"verbose": False, "last_level": 0}
 
+# Which libllama this is: "llama-cpp-python 0.3.36+modelyard.<hash>" when scripts/build-libllama.sh
+# built it with modelyard's ggml patches, plain "llama-cpp-python 0.3.36" for the upstream wheel.
+BUILD_INFO = f"llama-cpp-python {llama.__version__}"
+
 
 @llama.llama_log_callback
 def _libllama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
