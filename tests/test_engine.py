@@ -7,9 +7,13 @@ import re
 from pathlib import Path
 
 import httpx
+import llama_cpp as llama
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from child.engine.llama_model import ContextSettings, LlamaModel
 from conftest import EventFeed, tiny_preset
+from tiny_model import write_tiny_model
 
 PROMPTS = [
     "What is the capital of France?", "Name three colours.", "Count from one to five.",
@@ -145,3 +149,57 @@ def test_engine_penalties_and_logit_bias_are_applied(start_child, tiny_model: Pa
     assert text and len(set(text.strip())) == 1, text  # token 300 ("p") every time
     # The engine is still healthy for everyone after all of that.
     assert child.client.post("/v1/completions", json=base).json()["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def _greedy_logits(model: LlamaModel, prompts: list[list[int]], steps: int) -> list[list[np.ndarray]]:
+    """Prefill all prompts in one batch (one sequence each), then decode `steps` greedy tokens for
+    all of them, one batch per step; returns each sequence's logits after every decode."""
+    llama.llama_memory_clear(model.memory, True)
+    batch = llama.llama_batch_init(512, 0, len(prompts))
+    logits: list[list[np.ndarray]] = [[] for _ in prompts]
+    feeds = [list(p) for p in prompts]
+    positions = [0] * len(prompts)
+    try:
+        for _ in range(steps + 1):
+            n = 0
+            last: list[int] = []  # batch index of each sequence's last token
+            for seq, tokens in enumerate(feeds):
+                for i, token in enumerate(tokens):
+                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, positions[seq] + i, 1
+                    batch.seq_id[n][0] = seq
+                    batch.logits[n] = i == len(tokens) - 1
+                    n += 1
+                last.append(n - 1)
+                positions[seq] += len(tokens)
+            batch.n_tokens = n
+            assert llama.llama_decode(model.ctx, batch) == 0
+            for seq in range(len(prompts)):
+                row = np.ctypeslib.as_array(llama.llama_get_logits_ith(model.ctx, last[seq]), shape=(model.n_vocab,))
+                logits[seq].append(row.copy())
+                feeds[seq] = [int(row.argmax())]
+    finally:
+        llama.llama_batch_free(batch)
+    return logits
+
+
+def test_q4_1_products_give_the_same_logits_in_any_batch(tmp_path: Path) -> None:
+    # SmolLM2's file is Q4_1. `make install` builds libllama with modelyard's tiled Q4_1 kernel for
+    # products over several tokens (patches/llama-cpp-python); a single token takes ggml's own
+    # dot product. A sequence must get the very same logits either way, at every batch width
+    # (widths 2, 3, 5 and the 331-row output matrix reach the kernel's partial tiles).
+    model = LlamaModel(str(write_tiny_model(tmp_path / "q4_1.gguf", weight_type="q4_1")),
+                       ContextSettings(n_ctx=8 * 64, n_parallel=8, n_batch=512, n_ubatch=512, n_threads=2,
+                                       n_threads_batch=2, flash_attn="auto", kv_unified=False))
+    try:
+        rng = np.random.default_rng(7)
+        prompts = [[1, *map(int, rng.integers(3, model.n_vocab, size=5))] for _ in range(8)]
+        alone = [_greedy_logits(model, [prompt], steps=6)[0] for prompt in prompts]
+        for width in (2, 3, 5, 8):
+            together = _greedy_logits(model, prompts[:width], steps=6)
+            for seq in range(width):
+                for step, (got, want) in enumerate(zip(together[seq], alone[seq], strict=True)):
+                    assert np.array_equal(got, want), (
+                        f"batch of {width}, sequence {seq}, step {step}: logits differ by up to "
+                        f"{np.abs(got - want).max()}")
+    finally:
+        model.close()

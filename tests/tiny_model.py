@@ -43,7 +43,8 @@ def _vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_model(path: Path, seed: int = 1234) -> Path:
+def write_tiny_model(path: Path, seed: int = 1234, weight_type: str = "f32") -> Path:
+    """weight_type "q4_1" stores the matrices as Q4_1, like SmolLM2's file, for the quantized kernels."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = _vocabulary()
     n_vocab = len(tokens)
@@ -61,7 +62,7 @@ def write_tiny_model(path: Path, seed: int = 1234) -> Path:
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(n_vocab)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if weight_type == "q4_1" else gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -73,22 +74,29 @@ def write_tiny_model(path: Path, seed: int = 1234) -> Path:
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 
+    def add_matrix(name: str, matrix: np.ndarray) -> None:
+        if weight_type == "q4_1":
+            writer.add_tensor(name, gguf.quants.quantize(matrix, gguf.GGMLQuantizationType.Q4_1),
+                              raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        else:
+            writer.add_tensor(name, matrix)
+
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.5 / np.sqrt(shape[-1])).astype(np.float32)
 
     writer.add_tensor("token_embd.weight", weight(n_vocab, N_EMBD))
     for i in range(N_LAYER):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(N_EMBD, N_EMBD))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(n_embd_kv, N_EMBD))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(n_embd_kv, N_EMBD))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(N_EMBD, N_EMBD))
+        add_matrix(f"blk.{i}.attn_q.weight", weight(N_EMBD, N_EMBD))
+        add_matrix(f"blk.{i}.attn_k.weight", weight(n_embd_kv, N_EMBD))
+        add_matrix(f"blk.{i}.attn_v.weight", weight(n_embd_kv, N_EMBD))
+        add_matrix(f"blk.{i}.attn_output.weight", weight(N_EMBD, N_EMBD))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(N_FF, N_EMBD))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(N_FF, N_EMBD))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(N_EMBD, N_FF))
+        add_matrix(f"blk.{i}.ffn_gate.weight", weight(N_FF, N_EMBD))
+        add_matrix(f"blk.{i}.ffn_up.weight", weight(N_FF, N_EMBD))
+        add_matrix(f"blk.{i}.ffn_down.weight", weight(N_EMBD, N_FF))
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    writer.add_tensor("output.weight", weight(n_vocab, N_EMBD) * 4.0)
+    add_matrix("output.weight", weight(n_vocab, N_EMBD) * 4.0)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
