@@ -49,12 +49,14 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: server exited with {proc.returncode}")
-        for path in ("/health", "/v1/models"):  # llama-cpp-python's server has no /health
-            try:
-                if httpx.get(url + path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+        try:
+            status = httpx.get(url + "/health", timeout=2).status_code
+            if status == 404:  # llama-cpp-python's server has no /health; its /v1/models waits for the model
+                status = httpx.get(url + "/v1/models", timeout=2).status_code
+            if status == 200:  # a 503 means the model is still loading
+                return
+        except httpx.HTTPError:
+            pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not become healthy")
 
