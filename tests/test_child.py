@@ -126,6 +126,13 @@ def test_child_serves_chat_and_completions_with_usage(plain_child: str) -> None:
         assert client.get("/props").json()["total_slots"] == 2
 
 
+def test_child_runs_on_the_libllama_that_make_install_built(plain_child: str) -> None:
+    # `make install` builds llama-cpp-python with modelyard's ggml patches (scripts/build-libllama.sh);
+    # an install that silently fell back to the upstream wheel would still pass every other test.
+    build_info = httpx.get(plain_child + "/props", timeout=10).json()["build_info"]
+    assert build_info.startswith("llama-cpp-python 0.3.36+modelyard."), build_info
+
+
 def test_child_streams_openai_chunks_and_usage(plain_child: str) -> None:
     with httpx.Client(base_url=plain_child, timeout=30) as client, client.stream(
         "POST", "/v1/chat/completions", json={
