@@ -54,8 +54,9 @@ $(BENCH_STAMP):
 
 # Compares modelyard's child, the router, llama-cpp-python's server and (with LLAMA_SERVER_BIN or
 # llama-server on PATH) llama.cpp's llama-server on SmolLM2. Takes a few minutes; not part of CI.
+# BENCH_ARGS passes flags to bench/compare.py, e.g. BENCH_ARGS="--requests 32".
 bench: $(STAMP) $(BENCH_STAMP)
-	LLAMA_CPP_PYTHON=$(BENCH_VENV)/bin/python $(PY) bench/compare.py
+	LLAMA_CPP_PYTHON=$(BENCH_VENV)/bin/python $(PY) bench/compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
