@@ -32,7 +32,7 @@ def measure(threads: int) -> dict[str, float]:
     import numpy as np
 
     from bench.compare import smollm2_path
-    from child.engine.llama_model import ContextSettings, LlamaModel
+    from child.engine.llama_model import ContextSettings, LlamaModel, add_to_batch
 
     model = LlamaModel(smollm2_path(), ContextSettings(4096, 8, 512, 512, threads, threads, "auto", False))
     batch = llama.llama_batch_init(512, 0, 8)
@@ -43,11 +43,7 @@ def measure(threads: int) -> dict[str, float]:
         for r in range(repeats):
             n = 0
             for seq, tokens in feeds:
-                for i, token in enumerate(tokens):
-                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, r * len(tokens) + i, 1
-                    batch.seq_id[n][0] = seq
-                    batch.logits[n] = i == len(tokens) - 1
-                    n += 1
+                n = add_to_batch(batch, n, seq, r * len(tokens), tokens, logits_for_last=True)
             batch.n_tokens = n
             started = time.perf_counter()
             assert llama.llama_decode(model.ctx, batch) == 0

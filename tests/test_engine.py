@@ -11,7 +11,7 @@ import llama_cpp as llama
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from child.engine.llama_model import ContextSettings, LlamaModel
+from child.engine.llama_model import ContextSettings, LlamaModel, add_to_batch
 from conftest import EventFeed, tiny_preset
 from tiny_model import write_tiny_model
 
@@ -164,11 +164,7 @@ def _greedy_logits(model: LlamaModel, prompts: list[list[int]], steps: int) -> l
             n = 0
             last: list[int] = []  # batch index of each sequence's last token
             for seq, tokens in enumerate(feeds):
-                for i, token in enumerate(tokens):
-                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, positions[seq] + i, 1
-                    batch.seq_id[n][0] = seq
-                    batch.logits[n] = i == len(tokens) - 1
-                    n += 1
+                n = add_to_batch(batch, n, seq, positions[seq], tokens, logits_for_last=True)
                 last.append(n - 1)
                 positions[seq] += len(tokens)
             batch.n_tokens = n

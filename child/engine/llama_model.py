@@ -10,7 +10,7 @@ import ctypes
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,20 @@ class LlamaModel:
         if self.model:
             llama.llama_model_free(self.model)
             self.model = None
+
+
+def add_to_batch(batch: Any, n: int, seq_id: int, pos: int, tokens: Sequence[int],
+                 logits_for_last: bool) -> int:
+    """Write `tokens` of one sequence at positions pos, pos+1, ... into `batch` from index n on;
+    returns the next free index (the caller sets batch.n_tokens once the batch is complete).
+    `batch` is a llama_batch; typed Any since the bindings type its seq_id field as a flat array."""
+    for i, token in enumerate(tokens):
+        batch.token[n + i] = token
+        batch.pos[n + i] = pos + i
+        batch.n_seq_id[n + i] = 1
+        batch.seq_id[n + i][0] = seq_id
+        batch.logits[n + i] = logits_for_last and i == len(tokens) - 1
+    return n + len(tokens)
 
 
 def default_threads() -> int:

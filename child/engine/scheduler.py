@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import llama_cpp as llama
 
-from child.engine.llama_model import LlamaModel
+from child.engine.llama_model import LlamaModel, add_to_batch
 from child.engine.requests import Accepted, Delta, Done, Failed, GenerationRequest
 from child.engine.sampling import Sampler
 from child.engine.slots import EngineStats, Slot, common_prefix
@@ -309,15 +309,7 @@ class Scheduler:
                 last_gets_logits = slot.prompt_pos + take == len(slot.prompt)
             else:
                 continue
-            pos = len(slot.cached)
-            for i, token in enumerate(feed):
-                batch.token[n] = token
-                batch.pos[n] = pos + i
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = slot.seq_id
-                is_last = i == len(feed) - 1
-                batch.logits[n] = is_last and last_gets_logits
-                n += 1
+            n = add_to_batch(batch, n, slot.seq_id, len(slot.cached), feed, last_gets_logits)
             if last_gets_logits:
                 wants_logits.append((slot, n - 1))
             slot.cached.extend(feed)
