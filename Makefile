@@ -12,13 +12,15 @@ BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
 LIBLLAMA_PATCHES := $(wildcard patches/llama-cpp-python/*.patch)
+# The pin in pyproject.toml is the one version: the patched build and the benchmark's upstream one follow it.
+LLAMA_CPP_PYTHON_VERSION := $(shell sed -n 's/^ *"llama-cpp-python==\([^"]*\)",.*/\1/p' pyproject.toml)
 
 # llama-cpp-python is built from source with modelyard's ggml patches (scripts/build-libllama.sh):
 # about 8 minutes on 2 cores the first time, then taken from ~/.cache/modelyard/wheels.
 $(STAMP): pyproject.toml scripts/build-libllama.sh $(LIBLLAMA_PATCHES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$$(scripts/build-libllama.sh $(PY))"
+	$(PY) -m pip install --quiet "$$(scripts/build-libllama.sh $(PY) $(LLAMA_CPP_PYTHON_VERSION))"
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -49,7 +51,7 @@ lint: $(STAMP)
 # (pip's wheel cache makes that install fast after the first).
 $(BENCH_STAMP):
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	$(BENCH_VENV)/bin/python -m pip install --quiet 'llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)'
 	touch $(BENCH_STAMP)
 
 # Compares modelyard's child, the router, llama-cpp-python's server and (with LLAMA_SERVER_BIN or

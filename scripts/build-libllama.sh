@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds llama-cpp-python with modelyard's patches to its vendored ggml and prints the wheel's path.
 #
-#   scripts/build-libllama.sh PYTHON
+#   scripts/build-libllama.sh PYTHON VERSION   (the Makefile passes the pin from pyproject.toml)
 #
 # The patches (patches/llama-cpp-python/*.patch) add CPU kernels, they change no result: see
-# patches/llama-cpp-python/README.md. The wheel's version is the upstream one with a local label
-# (0.3.36+modelyard.<hash of the patches>), so `llama-cpp-python==0.3.36` in pyproject accepts it
+# patches/llama-cpp-python/README.md; they are made for that version and `patch` stops the build if
+# one no longer applies. The wheel's version is the upstream one with a local label
+# (VERSION+modelyard.<hash of the patches>), so `llama-cpp-python==VERSION` in pyproject accepts it
 # and `llama_cpp.__version__` tells at run time which build is loaded.
 #
 # Compiling libllama takes about 8 minutes on 2 cores, so the wheel is kept per machine in
@@ -13,8 +14,8 @@
 # appears there once complete.
 set -euo pipefail
 
-python=${1:?usage: scripts/build-libllama.sh PYTHON}
-version=0.3.36
+python=${1:?usage: scripts/build-libllama.sh PYTHON VERSION}
+version=${2:?usage: scripts/build-libllama.sh PYTHON VERSION}
 root=$(cd "$(dirname "$0")/.." && pwd)
 patches=("$root"/patches/llama-cpp-python/*.patch)
 key=$(cat "${patches[@]}" | sha256sum | cut -c1-12)
