@@ -13,8 +13,7 @@ import os
 import socket
 import sys
 
-import uvicorn
-
+from child import serving
 from child.arguments import CHILD_ARGS, build_parser
 from child.engine.llama_model import set_libllama_verbose
 from child.router_link import RouterLink
@@ -27,19 +26,8 @@ EXIT_LOAD_FAILED = 1
 GRACEFUL_SHUTDOWN_S = 5.0
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 async def _serve(runtime: ChildRuntime, sock: socket.socket) -> int:
-    config = uvicorn.Config(create_app(runtime), log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S), lifespan="off")
-    server = uvicorn.Server(config)
+    server = serving.http_server(create_app(runtime), GRACEFUL_SHUTDOWN_S, lifespan="off")
     loop = asyncio.get_running_loop()
     loading = True
 
@@ -55,18 +43,18 @@ async def _serve(runtime: ChildRuntime, sock: socket.socket) -> int:
         loop.call_soon_threadsafe(begin_exit)
 
     runtime.link.watch_stdin(on_exit_command)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    serve_task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await loop.run_in_executor(None, runtime.load)
     except Exception as exc:  # noqa: BLE001 - any load failure ends the process with a clear log
         log.error("failed to load the model: %s", exc)
         server.should_exit = True
-        await serving
+        await serve_task
         return EXIT_LOAD_FAILED
     loading = False
     runtime.mark_ready(sock.getsockname()[1])
     log.info("serving %s on http://%s:%d", runtime.settings.alias, *sock.getsockname()[:2])
-    await serving
+    await serve_task
     runtime.shutdown()
     return 0
 
@@ -87,12 +75,12 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("--%s has no effect on this engine; ignored", spec.long)
     try:
         settings = ServeSettings.from_args(args)
-        sock = _bind(args.host, args.port)
+        sock = serving.listening_socket(args.host, args.port)
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         sys.exit(2)
     runtime = ChildRuntime(settings, link)
-    code = asyncio.run(_serve(runtime, sock))
+    code = serving.run(lambda: _serve(runtime, sock))
     logging.shutdown()
     # The scheduler thread may sit inside libllama; don't wait for interpreter teardown.
     os._exit(code)

@@ -6,12 +6,12 @@ shape; nothing a client sends can raise anything else.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from child.engine.sampling import SamplingParams
+from child.openai_http import NotAJsonObject, json_object
 
 
 class RequestError(ValueError):
@@ -163,11 +163,9 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 
 def parse_body(raw: bytes, model: type[BodyT]) -> BodyT:
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RequestError("the request body must be a JSON object")
+        data = json_object(raw)
+    except NotAJsonObject as exc:
+        raise RequestError(str(exc)) from exc
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -12,6 +12,7 @@ speaks the same lines, so the router can supervise it too.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -21,6 +22,23 @@ ROUTER_TO_CHILD_EXIT = "cmd_router_to_child:exit"
 
 # The child knows it runs under a router from this variable (the router's port), as llama.cpp's do.
 ROUTER_PORT_ENV = "LLAMA_SERVER_ROUTER_PORT"
+
+# Resumable streams: a request carrying this header (llama.cpp's name) feeds a replay session. The
+# router checks an id before it remembers which model owns it, the child before it opens a session:
+# one rule for both, so neither keeps what the other refuses. The characters of UUIDs, ULIDs and
+# (url-safe) base64, and no `/`, since an id also travels in a path (/v1/stream/ID).
+CONVERSATION_HEADER = "x-conversation-id"
+MAX_CONVERSATION_ID_CHARS = 256
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9._~:@+=-]+")
+
+
+def conversation_id_problem(value: str) -> str | None:
+    """Why `value` (already stripped) is not a usable conversation id, or None if it is."""
+    if not 1 <= len(value) <= MAX_CONVERSATION_ID_CHARS:
+        return f"X-Conversation-Id must be 1 to {MAX_CONVERSATION_ID_CHARS} characters"
+    if not _CONVERSATION_ID.fullmatch(value):
+        return "X-Conversation-Id may only hold letters, digits and . _ ~ : @ + = -"
+    return None
 
 
 class ChildState(StrEnum):

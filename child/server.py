@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive
 
 from child.engine.chat_template import ChatTemplateError
 from child.engine.llama_model import BUILD_INFO, LlamaModel
@@ -22,6 +23,7 @@ from child.engine.requests import Delta, Done, Failed
 from child.engine.scheduler import EngineStopped
 from child.generation import Generation
 from child.metrics import metrics_registry
+from child.openai_http import error_body
 from child.openai_schema import (
     ChatCompletionBody,
     CompletionBody,
@@ -33,19 +35,14 @@ from child.openai_schema import (
 )
 from child.protocol import ChildState
 from child.runtime import ChildRuntime
+from child.serving import ClientDisconnected, cancelled_if_client_leaves, fastapi_options
 from child.stream_routes import SSE_HEADERS, build_router, conversation_id_of
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               500: "server_error", 503: "unavailable_error"}
-
-
 def error_response(status: int, message: str, error_type: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"code": status, "message": message,
-                      "type": error_type or ERROR_TYPES.get(status, "server_error")}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, error_type), status_code=status, headers=headers)
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -60,7 +57,7 @@ def usage_of(done: Done) -> dict[str, Any]:
 
 
 def create_app(runtime: ChildRuntime) -> FastAPI:
-    app = FastAPI(title="modelyard child", docs_url=None, redoc_url=None)
+    app = FastAPI(title="modelyard child", docs_url=None, redoc_url=None, **fastapi_options())
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -70,6 +67,10 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_gone(_: Request, exc: ClientDisconnected) -> JSONResponse:
+        return error_response(499, "the client disconnected")  # nobody reads it; logs do
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -149,7 +150,7 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
             raise RequestError(str(exc)) from exc
         # The template writes BOS itself when the model wants one.
         return await _generate(runtime, body, prompt, add_special=False, chat=True,
-                               conversation_id=conversation_id_of(request))
+                               conversation_id=conversation_id_of(request), receive=request.receive)
 
     @app.post("/v1/completions")
     @app.post("/completions")
@@ -157,7 +158,7 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
         require_ready()
         body = parse_body(await request.body(), CompletionBody)
         return await _generate(runtime, body, body.prompt_value(), add_special=True, chat=False,
-                               conversation_id=conversation_id_of(request))
+                               conversation_id=conversation_id_of(request), receive=request.receive)
 
     async def on_model(work: Callable[[LlamaModel], Any]) -> Any:
         require_ready()
@@ -200,35 +201,52 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
 
 
 async def _generate(runtime: ChildRuntime, body: GenerationBody, prompt: str | list[int],
-                    add_special: bool, chat: bool, conversation_id: str | None) -> Response:
+                    add_special: bool, chat: bool, conversation_id: str | None, receive: Receive) -> Response:
     generation = Generation(runtime, body, prompt, add_special)
-    await generation.start()
+    if body.stream and conversation_id is not None:
+        # Resumable: it runs whether or not this client stays, from the queue on.
+        await generation.start()
+        return _stream(runtime, body, generation, chat, conversation_id)
+    # A client that leaves while its request waits for a slot frees its place; a non-streamed
+    # answer is only written at the end, so a client that left would otherwise keep its slot
+    # generating for nobody until max_tokens.
+    async with cancelled_if_client_leaves(receive):
+        await generation.start()
+        if body.stream:
+            return _stream(runtime, body, generation, chat, None)
+        return await _complete(runtime, generation, chat)
+
+
+def _base_fields(runtime: ChildRuntime, chat: bool) -> dict[str, Any]:
     completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
-    model_name = runtime.settings.alias
-    base = {"id": completion_id, "created": created, "model": model_name,
+    return {"id": completion_id, "created": int(time.time()), "model": runtime.settings.alias,
             "system_fingerprint": "modelyard"}
 
-    if not body.stream:
-        parts: list[str] = []
-        async for event in generation.events_until_done():
-            if isinstance(event, Delta):
-                parts.append(event.text)
-            elif isinstance(event, Failed):
-                return error_response(event.status, event.message, event.error_type)
-            else:
-                text = "".join(parts)
-                choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": text}
-                else:
-                    choice["text"] = text
-                    choice["logprobs"] = None
-                return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
-                                     "choices": [choice], "usage": usage_of(event),
-                                     "timings": event.timings()})
-        return error_response(500, "generation ended without a result")
 
+async def _complete(runtime: ChildRuntime, generation: Generation, chat: bool) -> Response:
+    base = _base_fields(runtime, chat)
+    parts: list[str] = []
+    async for event in generation.events_until_done():
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Failed):
+            return error_response(event.status, event.message, event.error_type)
+        else:
+            text = "".join(parts)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+                choice["logprobs"] = None
+            return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
+                                 "choices": [choice], "usage": usage_of(event), "timings": event.timings()})
+    return error_response(500, "generation ended without a result")
+
+
+def _stream(runtime: ChildRuntime, body: GenerationBody, generation: Generation, chat: bool,
+            conversation_id: str | None) -> Response:
+    base = _base_fields(runtime, chat)
     chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(delta_text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
@@ -260,8 +278,7 @@ async def _generate(runtime: ChildRuntime, body: GenerationBody, prompt: str | l
             if isinstance(event, Delta):
                 yield delta_bytes(event.text)
             elif isinstance(event, Failed):
-                yield sse({"error": {"code": event.status, "message": event.message,
-                                     "type": event.error_type}})
+                yield sse(error_body(event.status, event.message, event.error_type))
                 return
             else:
                 final = chunk(None if chat else "", event.finish_reason)

@@ -7,13 +7,13 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from child.openai_http import NotAJsonObject, json_object
 from child.openai_schema import RequestError
+from child.protocol import CONVERSATION_HEADER, conversation_id_problem
 from child.runtime import ChildRuntime
 from child.stream_sessions import OffsetLost
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-CONVERSATION_HEADER = "x-conversation-id"
-MAX_CONVERSATION_ID_CHARS = 256
 
 
 def conversation_id_of(request: Request) -> str | None:
@@ -21,8 +21,9 @@ def conversation_id_of(request: Request) -> str | None:
     if value is None:
         return None
     value = value.strip()
-    if not value or len(value) > MAX_CONVERSATION_ID_CHARS:
-        raise RequestError(f"X-Conversation-Id must be 1 to {MAX_CONVERSATION_ID_CHARS} characters")
+    problem = conversation_id_problem(value)
+    if problem:
+        raise RequestError(problem)
     return value
 
 
@@ -79,7 +80,11 @@ def build_router(runtime: ChildRuntime) -> APIRouter:
 
     @router.post("/v1/streams/lookup")
     async def lookup(request: Request) -> list[dict[str, Any]]:
-        ids = conversation_ids_of(await request.json())
+        try:
+            body = json_object(await request.body())
+        except NotAJsonObject as exc:
+            raise RequestError(str(exc)) from exc
+        ids = conversation_ids_of(body)
         return runtime.sessions.lookup(ids)
 
     return router

@@ -1,0 +1,175 @@
+"""How modelyard's HTTP servers listen: the router's and every child's.
+
+- The listening socket is created with `IPPROTO_TCP` and TCP_NODELAY. asyncio sets TCP_NODELAY on
+  an accepted connection only when the listening socket's `proto` is IPPROTO_TCP; a socket made
+  with proto 0 gives connections with Nagle's algorithm on, and since uvicorn writes a response's
+  headers and body in two writes, every response on a reused connection then waited about 40 ms
+  for the client's delayed ACK.
+- The event loop is uvloop (uvicorn[standard] installs it): it sets TCP_NODELAY on its own and
+  costs less per request than the stock loop, which matters for a proxy.
+- Request headers are capped (431) before they are buffered: httptools keeps a header in memory
+  until it is complete, so without a cap one client could make the process hold any number of
+  bytes before the API key is ever checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import uvicorn
+import uvloop
+from fastapi import FastAPI
+from starlette.types import Receive
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from child.openai_http import error_bytes
+
+# The whole header section of one request (request line and every header). Browsers send a few
+# KiB; llama-server's HTTP library allows 8 KiB per line.
+MAX_HEADER_BYTES = 64 * 1024
+LOOPBACK = "127.0.0.1"
+
+T = TypeVar("T")
+
+
+def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket whose connections have TCP_NODELAY."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Linux hands this on to accepted sockets; asyncio sets it again because proto is TCP.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago (for servers that must be told their port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def http_server(app: Any, graceful_shutdown_s: float,
+                lifespan: Literal["auto", "on", "off"] = "auto") -> uvicorn.Server:
+    """A uvicorn server for `app` with modelyard's protocol; serve it with `serve(sockets=[...])`."""
+    # No X-Forwarded-* rewriting: nothing here reads the client's address, and it costs per request.
+    config = uvicorn.Config(app, http=BoundedHeadersProtocol, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=int(graceful_shutdown_s), lifespan=lifespan,
+                            proxy_headers=False)
+    return uvicorn.Server(config)
+
+
+def fastapi_options() -> dict[str, Any]:
+    """Keyword arguments for FastAPI(...): its native OpenTelemetry hook off, where FastAPI has one.
+    It asks the OpenTelemetry providers (and os.environ) on every request; both servers export
+    Prometheus metrics of their own, and on the router's proxy path it cost 3 % of the CPU."""
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    return {}
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run the process's main coroutine on uvloop."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+def header_too_large_response(limit: int) -> bytes:
+    body = error_bytes(431, f"request headers over {limit} bytes")
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+class BoundedHeadersProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, refusing a header section over `max_header_bytes` with 431.
+
+    Bytes are counted as they arrive, before httptools buffers them. While a request's header
+    section is open, data is fed in pieces of at most the room left, so the first request of a
+    connection is never taken for a long header just because its body came in the same read.
+    """
+
+    max_header_bytes = MAX_HEADER_BYTES
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_header_section = True
+        self._header_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        while data and self._in_header_section:
+            room = self.max_header_bytes - self._header_bytes
+            if room <= 0:
+                self.transport.write(header_too_large_response(self.max_header_bytes))
+                self.transport.close()
+                return
+            piece, data = data[:room], data[room:]
+            self._header_bytes += len(piece)
+            super().data_received(piece)
+            if self.transport.is_closing():
+                return
+        if data:
+            super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_header_section = False
+        self._header_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_header_section = True  # the next request on this connection starts its own count
+        super().on_message_complete()
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request was being worked on; nobody reads the answer."""
+
+
+class cancelled_if_client_leaves:  # noqa: N801 - used like a function: `async with cancelled_if_client_leaves(...)`
+    """Run the block; if the client disconnects meanwhile, cancel it and raise ClientDisconnected.
+
+    Neither Starlette nor uvicorn cancels a handler whose client left, so without this a request
+    that waits for a model, or for a non-streamed answer, keeps working for nobody. The request's
+    body must have been read already: from here on `receive` only reports the disconnect. One
+    watcher task per request; the block runs in the caller's own task. (A class rather than
+    contextlib's decorator: it is on every proxied request's path.)
+    """
+
+    __slots__ = ("_receive", "_task", "_watcher", "_gone", "_inside")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._gone = False
+        self._inside = True
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = task.get_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self._inside:  # the block is suspended at an await: the cancellation lands there
+            self._gone = True
+            self._task.cancel()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        self._inside = False
+        self._watcher.cancel()
+        if exc_type is asyncio.CancelledError and self._gone:
+            self._task.uncancel()
+            raise ClientDisconnected() from None
