@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PRESET ?= presets/default.ini
 
-.PHONY: install browser run test test-reliability lint bench clean
+.PHONY: install browser run test test-reliability lint bench bench-router clean
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
@@ -59,6 +59,16 @@ $(BENCH_STAMP):
 # BENCH_ARGS passes flags to bench/compare.py, e.g. BENCH_ARGS="--requests 32".
 bench: $(STAMP) $(BENCH_STAMP)
 	LLAMA_CPP_PYTHON=$(BENCH_VENV)/bin/python $(PY) bench/compare.py $(BENCH_ARGS)
+
+# What the router adds to a request and whether its event loop stays responsive (a few minutes):
+# bench/router_overhead.py (the same child directly and through the router, side by side) and
+# bench/router_responsiveness.py (/health latency during loads, polling and a download). Debian's
+# wrk drives the throughput part; it is installed when missing and apt can.
+bench-router: $(STAMP)
+	-@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(PY) bench/router_overhead.py $(BENCH_ARGS)
+	$(PY) bench/router_responsiveness.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -13,14 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
+from child.serving import ClientDisconnected, fastapi_options
 from router.auth import ApiKeyMiddleware
 from router.body_limit import BodyLimitMiddleware
 from router.conversations import ConversationMap
 from router.downloads import Downloads
-from router.errors import RouterError, error_json
+from router.errors import RouterError, error_json, error_response_for
 from router.events import EventHub
+from router.fast_path import ProxiedPostsFastPath
 from router.idle_reaper import reap_idle_models
+from router.memory_sampler import sample_resident_memory
 from router.model_sources import ModelSpec
 from router.proxy import make_client
 from router.registry import Registry
@@ -32,15 +36,16 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: int) -> FastAPI:
     events = EventHub(settings.sse_queue_size)
-    registry = Registry(settings, specs, events)
+    http = make_client(settings)
+    registry = Registry(settings, specs, events, http)
     registry.router_port = router_port
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.http = make_client(settings)
         startup = [asyncio.create_task(_load_on_startup(registry, r.name))
                    for r in registry.records.values() if r.spec.load_on_startup]
         startup.append(asyncio.create_task(reap_idle_models(registry), name="idle-reaper"))
+        startup.append(asyncio.create_task(sample_resident_memory(registry), name="memory-sampler"))
         try:
             yield
         finally:
@@ -50,17 +55,22 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
             registry.logs.live.close_all()
             await app.state.downloads.cancel_all()
             await registry.shutdown()
-            await app.state.http.aclose()
+            await http.close()
 
-    app = FastAPI(title="modelyard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="modelyard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  **fastapi_options())
     app.state.settings = settings
     app.state.registry = registry
-    app.state.conversations = ConversationMap()
+    app.state.http = http
+    conversations = app.state.conversations = ConversationMap()
+    registry.metrics.watch_conversations(lambda: len(conversations), lambda: conversations.bytes)
     app.state.downloads = Downloads(registry, settings.hf_token)
 
     @app.exception_handler(RouterError)
-    async def _router_error(_: Request, exc: RouterError) -> Response:
-        return exc.response()
+    @app.exception_handler(ClientDisconnected)
+    @app.exception_handler(Exception)
+    async def _error(_: Request, exc: Exception) -> Response:
+        return error_response_for(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
@@ -70,11 +80,6 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
         return error_json(400, str(exc.errors()[0].get("msg", "invalid request")), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unexpected error")
-        return error_json(500, f"internal error: {type(exc).__name__}", "server_error")
 
     app.include_router(health.router)
     app.include_router(models.router)
@@ -93,15 +98,24 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
             return await openai.proxy_get(request)
         return error_json(404, f"no route GET /{path}", "not_found_error")
 
-    # Added last = outermost: the size limit applies before anything reads a body, and CORS
-    # answers preflights before the key check (browsers send no credentials on a preflight).
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"])
     return app
+
+
+def front_door(app: FastAPI) -> ASGIApp:
+    """What uvicorn serves: the FastAPI app behind the checks every request passes, and with the
+    proxied POSTs taken before FastAPI's own layers (see router/fast_path.py).
+
+    Outermost first: CORS answers preflights before the key check (browsers send no credentials
+    on a preflight), the size limit applies before anything reads a body, then the key.
+    """
+    settings: RouterSettings = app.state.settings
+    entry: ASGIApp = ProxiedPostsFastPath(app, openai.PROXIED_POSTS, openai.proxy_post)
+    if settings.api_key:
+        entry = ApiKeyMiddleware(entry, api_key=settings.api_key)
+    entry = BodyLimitMiddleware(entry, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        entry = CORSMiddleware(entry, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    return entry
 
 
 async def _load_on_startup(registry: Registry, name: str) -> None:

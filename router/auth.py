@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from child.openai_http import error_bytes
 
 # The dashboard page holds no data: it asks for the key and sends it with every call it makes.
 OPEN_PATHS = frozenset({"/health", "/v1/health", "/"})
@@ -30,8 +31,7 @@ class ApiKeyMiddleware:
         if hmac.compare_digest(self._presented_key(scope), self._key):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"error": {"code": 401, "message": "Invalid API Key",
-                                     "type": "authentication_error"}}).encode()
+        body = error_bytes(401, "Invalid API Key")
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})

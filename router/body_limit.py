@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-class BodyTooLarge(Exception):
-    pass
+from child.openai_http import error_bytes
 
 
 class BodyLimitMiddleware:
+    """Refuses a body over `max_bytes` with 413: at once when Content-Length says so, else as soon
+    as the bytes received pass the limit. The app then sees the client as gone (its body reader
+    gets `http.disconnect`), whatever it answers to that is dropped, and the 413 goes out instead:
+    no exception has to travel through the app's own error handling to get here."""
+
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -25,32 +26,34 @@ class BodyLimitMiddleware:
             await self._refuse(send)
             return
         received = 0
+        over = False
         started = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge()
+                    over = True
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if over:
+                return  # the app's answer to a body cut short: the 413 replaces it
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(send)
-
+        await self.app(scope, counting_receive, guarded_send)
+        if over and not started:
+            await self._refuse(send)
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"error": {"code": 413, "message": f"request body over {self.max_bytes} bytes "
-                                     "(--max-body-bytes)", "type": "invalid_request_error"}}).encode()
+        body = error_bytes(413, f"request body over {self.max_bytes} bytes (--max-body-bytes)")
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 import sys
 
-import uvicorn
-
+from child import serving
 from router.admission import check_startup_fit
-from router.app import create_app
+from router.app import create_app, front_door
 from router.errors import ConfigError
 from router.model_sources import collect_specs
 from router.settings import settings_from_args
@@ -18,16 +15,6 @@ from router.settings import settings_from_args
 log = logging.getLogger("router")
 
 GRACEFUL_SHUTDOWN_S = 5
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         log.error("%s", exc)
         sys.exit(2)
     try:
-        sock = _bind(settings.host, settings.port)
+        sock = serving.listening_socket(settings.host, settings.port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         sys.exit(2)
@@ -60,12 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     log.info("models (%d): %s", len(specs),
              ", ".join(s.name + (f" (aliases: {', '.join(s.aliases)})" if s.aliases else "") for s in specs)
              or "none")
-    config = uvicorn.Config(app, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    server = uvicorn.Server(config)
+    server = serving.http_server(front_door(app), GRACEFUL_SHUTDOWN_S)
     log.info("modelyard router listening on http://%s:%d", settings.host, port)
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        serving.run(lambda: server.serve(sockets=[sock]))
     finally:
         # Whatever ended the loop, no child outlives the router.
         app.state.registry.kill_all_now()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse
+import logging
+
+from fastapi.responses import JSONResponse, Response
+
+from child.openai_http import error_body
+from child.serving import ClientDisconnected
+
+log = logging.getLogger(__name__)
 
 
 class RouterError(Exception):
@@ -23,11 +30,6 @@ class InvalidRequest(RouterError):
     error_type = "invalid_request_error"
 
 
-class Unauthorized(RouterError):
-    status = 401
-    error_type = "authentication_error"
-
-
 class NotFound(RouterError):
     status = 404
     error_type = "not_found_error"
@@ -45,11 +47,11 @@ class UpstreamFailed(RouterError):
     error_type = "server_error"
 
 
-class ClientGone(RouterError):
-    """The client disconnected while its request waited; nobody reads this answer."""
+class GatewayTimeout(RouterError):
+    """An upstream (the Hugging Face Hub, say) did not answer in time."""
 
-    status = 499
-    error_type = "invalid_request_error"
+    status = 504
+    error_type = "server_error"
 
 
 class Unavailable(RouterError):
@@ -61,7 +63,17 @@ class ConfigError(Exception):
     """A preset or flag is wrong; the router refuses to start and says where."""
 
 
+def error_response_for(exc: Exception) -> Response:
+    """The OpenAI-shaped answer to an exception raised while serving a request."""
+    if isinstance(exc, RouterError):
+        return exc.response()
+    if isinstance(exc, ClientDisconnected):
+        # Nobody reads this: nginx's 499 says in logs that the client closed the request.
+        return error_json(499, "the client disconnected", "invalid_request_error")
+    log.error("unexpected error", exc_info=exc)
+    return error_json(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
 def error_json(status: int, message: str, error_type: str,
                headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": status, "message": message, "type": error_type}},
-                        status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, error_type), status_code=status, headers=headers)

@@ -11,14 +11,15 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
-import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from router.child_launch import CHILD_HOST
 from router.model_record import ModelRecord
 from router.model_status import ModelStatus
+from router.upstream_client import UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,10 @@ class RouterMetrics:
               evictions: Callable[[], int]) -> None:
         self.registry.register(_LiveCollector(records, queue_length, evictions))
 
-    async def render(self, records: Iterable[ModelRecord], client: httpx.AsyncClient) -> bytes:
+    def watch_conversations(self, entries: Callable[[], int], size_bytes: Callable[[], int]) -> None:
+        self.registry.register(_ConversationCollector(entries, size_bytes))
+
+    async def render(self, records: Iterable[ModelRecord], client: UpstreamClient) -> bytes:
         own = generate_latest(self.registry)
         running = [r for r in records if r.status in (ModelStatus.LOADED, ModelStatus.SLEEPING) and r.port]
         texts = await asyncio.gather(*(_scrape(client, r) for r in running))
@@ -79,12 +83,13 @@ class RouterMetrics:
         return own + generate_latest(children)
 
 
-async def _scrape(client: httpx.AsyncClient, record: ModelRecord) -> str:
+async def _scrape(client: UpstreamClient, record: ModelRecord) -> str:
+    assert record.port is not None
     try:
-        response = await client.get(f"http://127.0.0.1:{record.port}/metrics", timeout=CHILD_SCRAPE_TIMEOUT_S)
-    except httpx.HTTPError:
+        status, body = await client.fetch("GET", CHILD_HOST, record.port, "/metrics", CHILD_SCRAPE_TIMEOUT_S)
+    except (UpstreamError, TimeoutError):
         return ""
-    return response.text if response.status_code == 200 else ""
+    return body.decode("utf-8", errors="replace") if status == 200 else ""
 
 
 class _StaticCollector(Collector):
@@ -118,3 +123,15 @@ class _LiveCollector(Collector):
                                 value=self.queue_length())
         yield CounterMetricFamily("modelyard_router_evictions", "Models unloaded to make room",
                                   value=self.evictions())
+
+
+class _ConversationCollector(Collector):
+    def __init__(self, entries: Callable[[], int], size_bytes: Callable[[], int]) -> None:
+        self.entries = entries
+        self.size_bytes = size_bytes
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("modelyard_router_conversations", "Resumable conversations the router routes",
+                                value=self.entries())
+        yield GaugeMetricFamily("modelyard_router_conversations_bytes", "What those entries hold, estimated",
+                                value=self.size_bytes())

@@ -1,95 +1,128 @@
 """Relaying a request to a child and its answer back, chunk by chunk.
 
-One shared httpx.AsyncClient. An SSE answer is relayed as its bytes arrive; if the child dies in
-the middle, the client gets a final SSE error event and the end of the stream, never a hang. Other
-answers are small JSON bodies: they are read whole, so a child that dies mid-answer becomes a
-clean 502 instead of a truncated body. The model's lease is held until the relay ends.
+One shared UpstreamClient (router/upstream_client.py says why not httpx or aiohttp). An SSE
+answer is relayed as its bytes arrive; if the child dies in the middle, the client gets a final SSE
+error event and the end of the stream, never a hang. Other answers are small JSON bodies: they are
+read whole, so a child that dies mid-answer becomes a clean 502 instead of a truncated body. The
+model's lease is held until the relay ends.
+
+A client that disconnects before its answer has started (a non-streamed completion runs for as
+long as the generation) cancels the relay: the connection to the child is closed, which stops the
+generation there too. Once a stream is relayed, Starlette's StreamingResponse watches for that.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope
 
+from child.openai_http import error_bytes
+from child.serving import cancelled_if_client_leaves
+from router.child_launch import CHILD_HOST
 from router.errors import UpstreamFailed
 from router.registry import Lease
 from router.settings import RouterSettings
+from router.upstream_client import UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
 
-# Not forwarded to the child: hop-by-hop headers, what httpx sets itself, and credentials (children
+# Not forwarded to the child: hop-by-hop headers, what the client sets itself, and credentials (children
 # never see the router's API key).
-_DROP_REQUEST_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding",
-                         "te", "upgrade", "authorization", "x-api-key", "accept-encoding",
-                         "proxy-authorization"}
-_DROP_RESPONSE_HEADERS = {"content-length", "connection", "keep-alive", "transfer-encoding", "date",
-                          "server"}
+_DROP_REQUEST_HEADERS = {b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding",
+                         b"te", b"upgrade", b"authorization", b"x-api-key", b"accept-encoding",
+                         b"proxy-authorization"}
+_DROP_RESPONSE_HEADERS = {b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"date",
+                          b"server"}
 
-
-def make_client(settings: RouterSettings) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(connect=settings.child_connect_timeout_s, read=settings.timeout_s,
-                            write=settings.timeout_s, pool=None)
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+def make_client(settings: RouterSettings) -> UpstreamClient:
+    """The router's one HTTP client towards its children."""
+    return UpstreamClient(connect_timeout_s=settings.child_connect_timeout_s, read_timeout_s=settings.timeout_s)
 
 
 def _sse_error(message: str) -> bytes:
-    body = {"error": {"code": 502, "message": message, "type": "server_error"}}
-    return f"data: {json.dumps(body)}\n\n".encode()
+    return b"data: " + error_bytes(502, message) + b"\n\n"
 
 
-async def relay(client: httpx.AsyncClient, lease: Lease, method: str, path: str, query: str,
-                headers: list[tuple[str, str]], body: bytes) -> Response:
-    """Send the request to the lease's child and return the response to give the client."""
+def target_of(scope: Scope) -> str:
+    """The request's path and query as the client sent them (still percent-encoded)."""
+    target = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string")
+    return (target + b"?" + query if query else target).decode("latin-1")
+
+
+async def relay(client: UpstreamClient, lease: Lease, method: str, target: str,
+                headers: list[tuple[bytes, bytes]], body: bytes, receive: Receive | None = None) -> Response:
+    """Send the request to the lease's child and return the response to give the client.
+
+    `target` is the encoded path and query (`target_of`), `headers` the client's raw ASGI headers.
+    `receive` is the client's ASGI receive channel (its body already read): when given, a client
+    that leaves before the answer has started cancels the upstream request."""
+    if receive is None:
+        return await _relay(client, lease, method, target, headers, body)
+    async with cancelled_if_client_leaves(receive):
+        return await _relay(client, lease, method, target, headers, body)
+
+
+async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
+                 headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
     record = lease.record
     name = record.name
     metrics = lease.registry.metrics
     if record.port is None:
         lease.release()
         raise UpstreamFailed(f"model '{name}' is not running")
-    url = f"http://127.0.0.1:{record.port}{path}" + (f"?{query}" if query else "")
-    forward = [(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST_HEADERS]
-    request = client.build_request(method, url, headers=forward, content=body)
+    forward = [(k, v) for k, v in headers if k not in _DROP_REQUEST_HEADERS]
     try:
-        upstream = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
+        upstream = await client.request(method, CHILD_HOST, record.port, target, forward, body)
+    except UpstreamError as exc:
         lease.release()
         metrics.requests.labels(name, "502").inc()
         raise UpstreamFailed(f"model '{name}' did not answer: {type(exc).__name__}: {exc}") from exc
     except BaseException:
         lease.release()
         raise
-    metrics.requests.labels(name, str(upstream.status_code)).inc()
-    response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
-    content_type = upstream.headers.get("content-type", "")
+    response_headers = [(k, v) for k, v in upstream.headers if k not in _DROP_RESPONSE_HEADERS]
+    status = upstream.status
 
-    if not content_type.startswith("text/event-stream"):
+    if not (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
         try:
-            data = await upstream.aread()
-        except httpx.HTTPError as exc:
+            data = await upstream.read()
+        except UpstreamError as exc:
+            metrics.requests.labels(name, "502").inc()
             raise UpstreamFailed(f"model '{name}' failed while answering: {type(exc).__name__}") from exc
         finally:
-            await upstream.aclose()
+            upstream.release()
             lease.release()
+        metrics.requests.labels(name, str(status)).inc()
         metrics.proxied_bytes.labels(name).inc(len(data))
-        return Response(data, status_code=upstream.status_code, headers=response_headers)
+        return _response(data, status, response_headers)
+
+    metrics.requests.labels(name, str(status)).inc()
 
     async def stream() -> AsyncIterator[bytes]:
         relayed = 0
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.chunks():
                 relayed += len(chunk)
                 yield chunk
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             log.warning("[%s] stream broke off: %s: %s", name, type(exc).__name__, exc)
             yield _sse_error(f"model '{name}' stopped in the middle of the stream ({type(exc).__name__})")
         finally:
-            await upstream.aclose()
+            upstream.release()  # a connection left in the middle of an answer is closed
             lease.release()
             metrics.proxied_bytes.labels(name).inc(relayed)
 
-    return StreamingResponse(stream(), status_code=upstream.status_code, headers=response_headers)
+    response = StreamingResponse(stream(), status_code=status)
+    response.raw_headers.extend(response_headers)
+    return response
+
+
+def _response(data: bytes, status: int, headers: list[tuple[bytes, bytes]]) -> Response:
+    """A response with exactly the child's headers (repeated ones included) and this body."""
+    response = Response(data, status_code=status)
+    response.raw_headers.extend(headers)
+    return response

@@ -13,7 +13,9 @@ router = APIRouter()
 
 
 @router.get("/health")
+@router.get("/v1/health")
 async def health() -> dict[str, str]:
+    """The router's own health; never needs a key, never reaches a child (whatever the query says)."""
     return {"status": "ok"}
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from starlette.types import Scope
 
+from child.protocol import CONVERSATION_HEADER, conversation_id_problem
+from child.serving import cancelled_if_client_leaves
 from router.errors import InvalidRequest
-from router.proxy import relay
+from router.proxy import relay, target_of
+from router.registry import Lease
 from router.routes import schemas
-from router.routes.common import autoload_of, json_body, model_field, registry_of, unless_client_leaves
+from router.routes.common import autoload_of, json_body, model_field, registry_of
 
 router = APIRouter()
+CONVERSATION_HEADER_BYTES = CONVERSATION_HEADER.encode()
 
 PROXIED_POSTS = (
     "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
@@ -18,19 +23,43 @@ PROXIED_POSTS = (
 )
 
 
-CONVERSATION_HEADER = "x-conversation-id"
+async def lease_for(request: Request, name: str | None) -> Lease:
+    """The model's lease; a request that has to wait for a load is cancelled if its client leaves
+    (a client that gives up while waiting for room costs nothing)."""
+    registry = registry_of(request)
+    autoload = autoload_of(request)
+    lease = registry.acquire_now(name, autoload)
+    if lease is not None:  # the model serves and is open: no wait, nothing to watch
+        return lease
+    async with cancelled_if_client_leaves(request.receive):
+        return await registry.acquire(name, autoload)
+
+
+def conversation_of(scope: Scope) -> str | None:
+    """The request's X-Conversation-Id, checked before anything is remembered about it."""
+    raw = next((v for k, v in scope["headers"] if k == CONVERSATION_HEADER_BYTES), None)
+    if raw is None:
+        return None
+    value = raw.decode("latin-1").strip()
+    problem = conversation_id_problem(value)
+    if problem:
+        raise InvalidRequest(problem)
+    return value
 
 
 async def proxy_post(request: Request) -> Response:
+    scope = request.scope
     raw, data = await json_body(request)
-    lease = await unless_client_leaves(
-        request, registry_of(request).acquire(model_field(data), autoload_of(request)))
-    conversation_id = request.headers.get(CONVERSATION_HEADER)
-    if conversation_id and data.get("stream") is True:
-        # Later GET/DELETE /v1/stream calls for this conversation go to the same child.
-        request.app.state.conversations.remember(conversation_id.strip(), lease.record.name)
-    return await relay(request.app.state.http, lease, "POST", request.url.path, request.url.query,
-                       request.headers.items(), raw)
+    conversation_id = conversation_of(scope)
+    lease = await lease_for(request, model_field(data))
+    model = lease.record.name
+    response = await relay(request.app.state.http, lease, "POST", target_of(scope), scope["headers"], raw,
+                           request.receive)
+    if conversation_id and 200 <= response.status_code < 300:
+        # Remembered only once the child accepted the request: later GET/DELETE /v1/stream calls
+        # for this conversation go to the same child.
+        request.app.state.conversations.remember(conversation_id, model)
+    return response
 
 
 _BODY_SCHEMAS = {"/v1/chat/completions": schemas.CHAT, "/v1/completions": schemas.COMPLETION}
@@ -45,6 +74,6 @@ async def proxy_get(request: Request) -> Response:
     name = request.query_params.get("model")
     if not name:
         raise InvalidRequest("model name is missing from the request")
-    lease = await unless_client_leaves(request, registry_of(request).acquire(name, autoload_of(request)))
-    return await relay(request.app.state.http, lease, "GET", request.url.path, request.url.query,
-                       request.headers.items(), b"")
+    lease = await lease_for(request, name)
+    return await relay(request.app.state.http, lease, "GET", target_of(request.scope), request.scope["headers"],
+                       b"", request.receive)

@@ -11,7 +11,7 @@ from router.conversations import ConversationMap
 from router.errors import InvalidRequest, NotFound, Unavailable
 from router.model_record import ModelRecord
 from router.model_status import ModelStatus
-from router.proxy import relay
+from router.proxy import relay, target_of
 from router.routes import schemas
 from router.routes.common import json_body, registry_of
 
@@ -42,16 +42,16 @@ async def _replay(request: Request, conv_id: str) -> Response:
     if record.status == ModelStatus.LOADING:
         raise Unavailable("Stream owner model is loading, retry later", headers={"Retry-After": "1"})
     lease = await registry_of(request).acquire(record.name, autoload=False)
-    return await relay(request.app.state.http, lease, "GET", request.url.path, request.url.query,
-                       request.headers.items(), b"")
+    return await relay(request.app.state.http, lease, "GET", target_of(request.scope), request.scope["headers"],
+                       b"", request.receive)
 
 
 async def _cancel(request: Request, conv_id: str) -> Response:
     record = _owner(request, conv_id)
     if record is not None and record.status.can_serve:
         lease = await registry_of(request).acquire(record.name, autoload=False)
-        await relay(request.app.state.http, lease, "DELETE", request.url.path, request.url.query,
-                    request.headers.items(), b"")
+        await relay(request.app.state.http, lease, "DELETE", target_of(request.scope), request.scope["headers"],
+                    b"")
     return Response(status_code=204)
 
 
@@ -92,8 +92,8 @@ async def lookup(request: Request) -> list[dict[str, Any]]:
     for name, model_ids in by_model.items():
         lease = await registry.acquire(name, autoload=False)
         body = json.dumps({"conversation_ids": model_ids}).encode()
-        response = await relay(request.app.state.http, lease, "POST", "/v1/streams/lookup", "",
-                               [("content-type", "application/json")], body)
+        response = await relay(request.app.state.http, lease, "POST", "/v1/streams/lookup",
+                               [(b"content-type", b"application/json")], body)
         if response.status_code == 200:
             merged.extend(json.loads(bytes(response.body)))
     return merged
