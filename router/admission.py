@@ -14,12 +14,14 @@ numbers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from router.bundled_models import PACKAGE_PREFIX, resolve_package_model
 from router.errors import ConfigError, Unavailable
-from router.memory import MIB, available_bytes, estimate_model_bytes, tree_rss_bytes
+from router.memory import MIB, available_bytes, estimate_model_bytes
 from router.model_sources import ModelSpec
 from router.settings import RouterSettings
 
@@ -44,21 +46,36 @@ class Admission:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.settings = registry.settings
-        self.lock = asyncio.Lock()  # FIFO: asyncio.Lock wakes waiters in arrival order
-        self.queued = 0
-        self._drained: ModelRecord | None = None  # the busy model this admission closed to new requests
+        self._lock = asyncio.Lock()  # FIFO: asyncio.Lock wakes waiters in arrival order
+        self.queued = 0  # loads holding or waiting for a turn
+        self.drained: ModelRecord | None = None  # the busy model the current turn closed to new requests
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """One load's turn: waits in FIFO order (503 beyond --models-queue) and holds the turn
+        while the caller makes room and spawns, so two loads never both take the last place."""
+        if self.queued >= self.settings.models_queue:
+            raise Unavailable(f"{self.queued} loads are already waiting for room (--models-queue)",
+                              headers={"Retry-After": "1"})
+        self.queued += 1
+        try:
+            async with self._lock:
+                yield
+        finally:
+            self.queued -= 1
 
     def estimate_bytes(self, record: ModelRecord, model_path: str | None = None) -> int | None:
+        """Reads the model's GGUF header the first time: blocking, run it off the event loop."""
         path = model_path or record.resolved_model_path or record.spec.model_value
         if not path or path.startswith(PACKAGE_PREFIX):
             return None
         return estimate_model_bytes(path, context_of(record.spec))
 
-    def room_bytes(self, running: list[ModelRecord], reserve: int) -> int:
+    async def room_bytes(self, running: list[ModelRecord], reserve: int) -> int:
         budget = int(self.settings.models_memory_mb * MIB)
         if budget > 0:
-            return budget - sum(self.estimate_bytes(r) or 0 for r in running)
-        return available_bytes() - reserve
+            return budget - sum(r.estimated_bytes or 0 for r in running)
+        return await asyncio.to_thread(available_bytes) - reserve
 
     def describe_limit(self) -> str:
         if self.settings.models_memory_mb > 0:
@@ -66,14 +83,10 @@ class Admission:
         return f"available memory less the {self.settings.memory_reserve_mb:.0f} MiB reserve"
 
     def resident_bytes(self, record: ModelRecord) -> int:
-        """What stopping this model would give back: its measured RSS, else its estimate."""
+        """What stopping this model would give back: its sampled RSS, else its estimate."""
         if self.settings.models_memory_mb > 0:
-            return self.estimate_bytes(record) or 0  # the budget counts estimates, so must this
-        if record.child is not None and record.child.pid is not None:
-            rss = tree_rss_bytes(record.child.pid)
-            if rss:
-                return rss
-        return self.estimate_bytes(record) or 0
+            return record.estimated_bytes or 0  # the budget counts estimates, so must this
+        return record.rss_bytes or record.estimated_bytes or 0
 
     async def make_room(self, target: ModelRecord, model_path: str | None) -> None:
         try:
@@ -84,13 +97,14 @@ class Admission:
     async def _make_room(self, target: ModelRecord, model_path: str | None) -> None:
         limit = self.settings.models_max
         reserve = int(self.settings.memory_reserve_mb * MIB)
-        need = self.estimate_bytes(target, model_path)
+        need = target.estimated_bytes = await asyncio.to_thread(self.estimate_bytes, target, model_path)
         records = self.registry.records.values()
         announced_wait = False
         while True:
             running = [r for r in records if r.status.is_running and r is not target]
             too_many = limit > 0 and len(running) >= limit
-            shortfall = need - self.room_bytes(running, reserve) if need is not None else 0
+            room = await self.room_bytes(running, reserve) if need is not None else 0
+            shortfall = need - room if need is not None else 0
             if not too_many and shortfall <= 0:
                 return
             evictable = [r for r in running if not r.spec.pinned]
@@ -102,7 +116,7 @@ class Admission:
                 if shortfall > could_free:
                     raise Unavailable(
                         f"cannot load '{target.name}': it needs about {need // MIB} MiB, "  # type: ignore[operator]
-                        f"{self.room_bytes(running, reserve) // MIB} MiB are free for it ({self.describe_limit()}), "
+                        f"{room // MIB} MiB are free for it ({self.describe_limit()}), "
                         f"and evicting every idle unpinned model would free only {could_free // MIB} MiB",
                         headers={"Retry-After": "10"})
             idle = [r for r in evictable if r.in_flight == 0 and r.status.can_serve]
@@ -117,9 +131,8 @@ class Admission:
             # Every candidate is busy or still loading. Drain the least recently used serving one:
             # it finishes what it has but takes nothing new, so it becomes idle in bounded time.
             serving = [r for r in evictable if r.status.can_serve]
-            if serving and self._drained is None:
-                drained = self._drained = min(serving, key=lambda r: r.last_used)
-                drained.draining = True
+            if serving and self.drained is None:
+                drained = self.drained = min(serving, key=lambda r: r.last_used)
                 log.info("load of %s waits for room: draining %s (%d requests in flight)", target.name,
                          drained.name, drained.in_flight)
             elif not announced_wait:
@@ -128,9 +141,8 @@ class Admission:
             await self.registry.room_changed()
 
     def _stop_draining(self) -> None:
-        drained, self._drained = self._drained, None
+        drained, self.drained = self.drained, None
         if drained is not None:
-            drained.draining = False
             self.registry.notify_room()
 
 

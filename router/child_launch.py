@@ -15,24 +15,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
-
+from child import serving
 from child.protocol import ROUTER_PORT_ENV
 from router.model_sources import ModelSpec
+from router.upstream_client import UpstreamClient, UpstreamError
 
 CHILD_HOST = "127.0.0.1"
 READY_POLL_INTERVAL_S = 0.2
 READY_PROBE_TIMEOUT_S = 2.0
-# Variables of the router that must never reach a child (the API key above all).
+# Variables of the router that must never reach a child: the API key above all, and the Hugging
+# Face token, which only the router's own downloads use (a third-party `bin` or `cmd` server would
+# otherwise get the user's token with its environment).
 RESERVED_ENV = ("LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE", "LLAMA_ARG_HOST",
                 "LLAMA_ARG_PORT", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_DIR",
-                "LLAMA_ARG_MODELS_MAX", "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_ARG_TIMEOUT")
+                "LLAMA_ARG_MODELS_MAX", "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_ARG_TIMEOUT",
+                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,11 @@ class LaunchPlan:
 
 def plan_launch(spec: ModelSpec, model_path: str) -> LaunchPlan:
     if spec.foreign_cmd:
-        port = free_port()
+        port = serving.free_port(CHILD_HOST)
         macros = {"${PORT}": str(port), "${MODEL}": model_path}
         return LaunchPlan([_expand(part, macros) for part in spec.foreign_cmd], port)
     if spec.foreign_bin:
-        port = free_port()
+        port = serving.free_port(CHILD_HOST)
         program, port_arg, assigned = list(spec.foreign_bin), str(port), port
     else:
         program, port_arg, assigned = [sys.executable, "-m", "child"], "0", None
@@ -65,22 +66,17 @@ def child_env(router_port: int, speaks_protocol: bool) -> dict[str, str]:
     return env
 
 
-async def wait_until_http_ready(url: str, timeout_s: float, still_waiting: Callable[[], bool]) -> bool:
-    """Poll `url` until it answers 200 (True), the timeout passes or nobody waits any more (False)."""
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(timeout=READY_PROBE_TIMEOUT_S, trust_env=False) as client:
-        while still_waiting() and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(url)).status_code == 200:
-                    return True
-            await asyncio.sleep(READY_POLL_INTERVAL_S)
+async def wait_until_http_ready(client: UpstreamClient, port: int, path: str,
+                                still_waiting: Callable[[], bool]) -> bool:
+    """Poll the child's `path` until it answers 200 (True) or nobody waits any more (False); the
+    registry's load timeout ends the wait for every kind of child alike."""
+    while still_waiting():
+        with contextlib.suppress(UpstreamError, TimeoutError):
+            status, _ = await client.fetch("GET", CHILD_HOST, port, path, READY_PROBE_TIMEOUT_S)
+            if status == 200:
+                return True
+        await asyncio.sleep(READY_POLL_INTERVAL_S)
     return False
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((CHILD_HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _expand(part: str, macros: dict[str, str]) -> str:

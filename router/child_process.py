@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 
 from child.protocol import ROUTER_TO_CHILD_EXIT, ProtocolError, StateMessage, parse_child_line
+from router.orphan_reaper import OrphanReaper
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def _die_with_parent() -> None:
 class ChildProcess:
     def __init__(self, name: str, argv: list[str], env: dict[str, str],
                  on_state: Callable[[StateMessage], None], on_exit: Callable[[int], None],
-                 speaks_protocol: bool = True, on_log: Callable[[str], None] | None = None) -> None:
+                 speaks_protocol: bool = True, on_log: Callable[[str], None] | None = None,
+                 reaper: OrphanReaper | None = None) -> None:
         self.name = name
         self._on_log = on_log
         self.speaks_protocol = speaks_protocol
@@ -48,21 +50,27 @@ class ChildProcess:
         self.env = env
         self._on_state = on_state
         self._on_exit = on_exit
+        self._reaper = reaper
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._start_ended = asyncio.Event()  # set once start() has returned or failed
         self.exited = asyncio.Event()
-        self.exit_code: int | None = None
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
     async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=_LINE_LIMIT_BYTES,
-            preexec_fn=None if self.speaks_protocol else _die_with_parent,
-        )
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=_LINE_LIMIT_BYTES,
+                preexec_fn=None if self.speaks_protocol else _die_with_parent,
+            )
+        finally:
+            self._start_ended.set()
+        if self._reaper is not None:
+            self._reaper.watch(self._proc.pid)  # its own session: the group id is its pid
         log.info("[%s] started child pid %d: %s", self.name, self._proc.pid, " ".join(self.argv))
         assert self._proc.stdout is not None and self._proc.stderr is not None
         self._tasks = [
@@ -119,9 +127,10 @@ class ChildProcess:
         # Drain the pipes (bounded: a grandchild may hold them open).
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self._tasks[:2], return_exceptions=True), 2.0)
-        self.exit_code = code
         log.info("[%s] child pid %d exited with code %d", self.name, self._proc.pid, code)
         self._kill_group(signal.SIGKILL)  # anything the child left behind in its group
+        if self._reaper is not None:
+            self._reaper.forget(self._proc.pid)
         self.exited.set()
         self._on_exit(code)
 
@@ -139,6 +148,7 @@ class ChildProcess:
         await asyncio.shield(self._stop(timeout_s, kill_now))
 
     async def _stop(self, timeout_s: float, kill_now: bool) -> None:
+        await self._start_ended.wait()  # a stop that races the spawn must still find the process
         if self._proc is None or self.exited.is_set():
             return
         if not kill_now:

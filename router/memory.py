@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from router.gguf_header import read_metadata
+
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
@@ -42,16 +44,23 @@ def _first_int(value: object) -> int:
     return int(value)  # type: ignore[call-overload]
 
 
-@functools.lru_cache(maxsize=256)
 def read_shape(path: str) -> ModelShape | None:
-    """The numbers the KV estimate needs, from the GGUF header; None if it cannot be read."""
-    try:
-        from gguf import GGUFReader
+    """The numbers the KV estimate needs, from the GGUF header; None if it cannot be read.
 
-        reader = GGUFReader(path)
-        fields = {name: field.contents() for name, field in reader.fields.items()
-                  if not name.startswith("tokenizer.")}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file just has no estimate
+    Cached per file version (path, size, modification time): a header is read once.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _read_shape_cached(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_shape_cached(path: str, _size: int, _mtime_ns: int) -> ModelShape | None:
+    try:
+        fields = read_metadata(path)
+    except (OSError, ValueError) as exc:  # any unreadable file just has no estimate
         log.warning("cannot read the GGUF header of %s: %s", path, exc)
         return None
     arch = str(fields.get("general.architecture", "llama"))
@@ -73,7 +82,9 @@ def read_shape(path: str) -> ModelShape | None:
 
 
 def estimate_model_bytes(path: str, n_ctx: int) -> int | None:
-    """Estimated resident size of a child serving `path` with a total context of n_ctx (0 = trained)."""
+    """Estimated resident size of a child serving `path` with a total context of n_ctx (0 = trained).
+
+    Reads the file's header the first time: blocking, run it off the event loop."""
     try:
         file_bytes = os.path.getsize(path)
     except OSError:
@@ -88,7 +99,7 @@ def available_bytes() -> int:
 
 
 def tree_rss_bytes(pid: int) -> int | None:
-    """Resident memory of a process and its children."""
+    """Resident memory of a process and its children (reads /proc: run it off the event loop)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 from router.child_process import ChildProcess
-from router.memory import tree_rss_bytes
 from router.model_sources import ModelSpec
 from router.model_status import ModelStatus
 
@@ -23,10 +22,11 @@ class ModelRecord:
         self.args: list[str] = []
         self.resolved_model_path: str | None = None
         self.in_flight = 0
-        self.draining = False  # chosen for eviction by a waiting load: takes no new requests
         self.last_used = 0.0
         self.loading_since = 0.0
         self.last_used_wall = 0.0  # time.time() of the last request, for people to read
+        self.estimated_bytes: int | None = None  # admission's estimate, made when it was admitted
+        self.rss_bytes: int | None = None  # its child's resident memory, sampled off the event loop
         self.lock = asyncio.Lock()
         # Settled when a load ends: None = ready, an int = the child exited with that code.
         self.ready: asyncio.Future[int | None] | None = None
@@ -56,6 +56,6 @@ class ModelRecord:
             entry["meta"] = self.meta
         entry["in_flight"] = self.in_flight
         entry["last_used"] = round(self.last_used_wall, 3) if self.last_used_wall else None
-        if self.child is not None and self.child.pid is not None:
-            entry["memory"] = {"rss_bytes": tree_rss_bytes(self.child.pid)}
+        if self.child is not None and self.rss_bytes is not None:
+            entry["memory"] = {"rss_bytes": self.rss_bytes}
         return entry

@@ -5,10 +5,11 @@
         ^                  |                     |          wake
         |   exit / crash   |       unload        |
         +------------------+---------------------+   (exit_code kept; failed = exit_code != 0)
-        ^
-        |  finished
-    downloading   (a model being fetched from the Hugging Face Hub; a failed or cancelled
-                   download removes the model instead)
+        ^   |
+        |   |  download (POST /models names a new model; it is registered unloaded and starts
+        |   v            downloading at once)
+    downloading   (a model being fetched from the Hugging Face Hub; `finished` makes it unloaded,
+                   a failed or cancelled download removes the model instead)
 
 There is no failed state: a failure is `unloaded` with a non-zero exit code. `loading -> loading`
 and `downloading -> downloading` are allowed to report progress. Registry.set_status is the only
@@ -39,7 +40,7 @@ class ModelStatus(StrEnum):
 
 
 ALLOWED_TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
-    ModelStatus.UNLOADED: frozenset({ModelStatus.LOADING}),
+    ModelStatus.UNLOADED: frozenset({ModelStatus.LOADING, ModelStatus.DOWNLOADING}),
     ModelStatus.LOADING: frozenset({ModelStatus.LOADING, ModelStatus.LOADED, ModelStatus.UNLOADED}),
     ModelStatus.LOADED: frozenset({ModelStatus.SLEEPING, ModelStatus.UNLOADED}),
     ModelStatus.SLEEPING: frozenset({ModelStatus.LOADED, ModelStatus.UNLOADED}),

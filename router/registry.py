@@ -30,7 +30,9 @@ from router.model_logs import ModelLogs
 from router.model_record import ModelRecord
 from router.model_sources import ModelSpec
 from router.model_status import ModelStatus, check_transition
+from router.orphan_reaper import OrphanReaper
 from router.settings import RouterSettings
+from router.upstream_client import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +52,19 @@ class Lease:
 
 
 class Registry:
-    def __init__(self, settings: RouterSettings, specs: list[ModelSpec], events: EventHub) -> None:
+    def __init__(self, settings: RouterSettings, specs: list[ModelSpec], events: EventHub,
+                 http: UpstreamClient) -> None:
         self.settings = settings
         self.events = events
+        self.http = http  # the router's connections to its children
         self.router_port = 0
         self.records: dict[str, ModelRecord] = {spec.name: ModelRecord(spec) for spec in specs}
         self._room_changed_event = asyncio.Event()
         self.admission = Admission(self)
         self.evictions_total = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._evicting: set[ModelRecord] = set()  # being stopped to make room or for idleness
+        self.reaper = OrphanReaper()
         self.logs = ModelLogs()
         self.metrics = RouterMetrics()
         self.metrics.watch(self.records, lambda: self.admission.queued, lambda: self.evictions_total)
@@ -131,14 +137,27 @@ class Registry:
 
     # -- requests -------------------------------------------------------------------------------
 
+    def acquire_now(self, name: str | None, autoload: bool) -> Lease | None:
+        """The fast path of `acquire`: a lease on a model that serves and is open to new requests,
+        without awaiting anything; None when the caller has to wait (then call `acquire`)."""
+        record = self.get(name)
+        if not record.status.can_serve or self.closed_to_new_requests(record):
+            if not autoload and not record.status.is_running:
+                raise InvalidRequest("model is not loaded")
+            return None
+        record.in_flight += 1
+        record.last_used = time.monotonic()
+        record.last_used_wall = time.time()
+        return Lease(self, record)
+
     async def acquire(self, name: str | None, autoload: bool) -> Lease:
         """Claim a model for one request and make sure it can serve (loading it if allowed)."""
         record = self.get(name)
         if not autoload and not record.status.is_running:
             raise InvalidRequest("model is not loaded")
-        while record.draining:
-            # A waiting load picked this model to make room: new requests queue behind that load
-            # instead of keeping the model busy forever (no starvation under constant load).
+        while self.closed_to_new_requests(record):
+            # A waiting load picked this model to make room, or it is being stopped: new requests
+            # queue behind that instead of keeping the model busy forever (no starvation).
             await self.room_changed()
         record.in_flight += 1
         record.last_used = time.monotonic()
@@ -150,6 +169,9 @@ class Registry:
             lease.release()
             raise
         return lease
+
+    def closed_to_new_requests(self, record: ModelRecord) -> bool:
+        return record in self._evicting or self.admission.drained is record
 
     def _release(self, record: ModelRecord) -> None:
         record.in_flight -= 1
@@ -192,34 +214,35 @@ class Registry:
             await self._stop(record)
 
     async def _start(self, record: ModelRecord) -> None:
-        """Get the model admitted and its child spawned; concurrent callers share one attempt."""
+        """Get the model admitted and its child spawned.
+
+        Concurrent callers wait until the first caller's attempt has ended, then look at the
+        status again: a load that was refused or abandoned is tried anew by the next waiter.
+        """
         if record.admitting is not None:
             await asyncio.shield(record.admitting)
             return
-        admission = self.admission
-        # The queue is every load waiting for room: for the admission lock or inside make_room.
-        if admission.queued >= self.settings.models_queue:
-            raise Unavailable(f"{admission.queued} loads are already waiting for room (--models-queue)",
-                              headers={"Retry-After": "1"})
         admitting = record.admitting = asyncio.get_running_loop().create_future()
-        admission.queued += 1
-        in_queue = True
         try:
-            async with admission.lock:  # a client that leaves while waiting here costs nothing
-                if record.status != ModelStatus.UNLOADED:
+            async with self.admission.turn():  # a client that leaves while waiting here costs nothing
+                if not self._may_start(record):
                     return
                 model_path = await self._resolve_model_path(record)
-                await admission.make_room(record, model_path)
-                admission.queued -= 1
-                in_queue = False
+                await self.admission.make_room(record, model_path)
                 async with record.lock:
-                    if record.status == ModelStatus.UNLOADED:
-                        await self._spawn(record, model_path)
+                    # Re-checked under the lock: a reload or a DELETE may have dropped the record
+                    # while it waited for room, and its child would then run outside /models.
+                    if self._may_start(record):
+                        # Once decided, the spawn runs to its end even if this caller leaves.
+                        await asyncio.shield(self._spawn(record, model_path))
+            if self.records.get(record.name) is not record:
+                raise InvalidRequest(f"model '{record.name}' not found (removed while it waited to load)")
         finally:
-            if in_queue:
-                admission.queued -= 1
             record.admitting = None
             admitting.set_result(None)
+
+    def _may_start(self, record: ModelRecord) -> bool:
+        return record.status == ModelStatus.UNLOADED and self.records.get(record.name) is record
 
     async def _resolve_model_path(self, record: ModelRecord) -> str:
         model_value = record.spec.model_value
@@ -238,16 +261,23 @@ class Registry:
                              on_state=lambda message: self._on_child_state(record, child, message),
                              on_exit=lambda code: self._on_child_exit(record, child, code),
                              speaks_protocol=spec.speaks_protocol,
-                             on_log=lambda line: self.logs.append(record.name, line))
+                             on_log=lambda line: self.logs.append(record.name, line), reaper=self.reaper)
         record.child = child
         record.args = plan.argv
         self.set_status(record, ModelStatus.LOADING, "(spawning child)")
         try:
             await child.start()
-        except OSError as exc:
-            record.child = None
-            self.set_status(record, ModelStatus.UNLOADED, f"(spawn failed: {exc})", exit_code=127)
-            raise ServerError(f"model '{record.name}': cannot start the child: {exc}") from exc
+        except BaseException as exc:
+            # Whatever went wrong (a bad command line, a cancellation), the record must not stay
+            # `loading` with nobody to finish the load.
+            child.kill_now_sync()
+            if record.child is child:
+                record.child = None
+                self.set_status(record, ModelStatus.UNLOADED, f"(spawn failed: {exc!r})", exit_code=127)
+            if isinstance(exc, Exception):
+                raise ServerError(f"model '{record.name}': cannot start the child: {exc}") from exc
+            raise
+        self._background(self._stop_at_load_timeout(record, child))
         if not spec.speaks_protocol:
             self._background(self._poll_until_ready(record, child))
 
@@ -256,20 +286,27 @@ class Registry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _stop_at_load_timeout(self, record: ModelRecord, child: ChildProcess) -> None:
+        """Every kind of child gets `load-timeout` seconds to become ready, then it is killed."""
+        ready = record.ready
+        assert ready is not None
+        timeout_s = record.spec.load_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), timeout_s)
+        except TimeoutError:
+            if record.child is child and record.status == ModelStatus.LOADING:
+                log.error("[%s] not ready within %g s (load-timeout): killing it", record.name, timeout_s)
+                child.kill_now_sync()
+
     async def _poll_until_ready(self, record: ModelRecord, child: ChildProcess) -> None:
         """A `cmd` child says nothing: it is ready when its check endpoint answers 200."""
         port = record.assigned_port
         assert port is not None
         url = f"http://{CHILD_HOST}:{port}{record.spec.check_endpoint}"
         ready = await wait_until_http_ready(
-            url, record.spec.load_timeout_s,
+            self.http, port, record.spec.check_endpoint,
             still_waiting=lambda: record.child is child and record.status == ModelStatus.LOADING)
-        if record.child is not child or record.status != ModelStatus.LOADING:
-            return
-        if not ready:
-            log.error("[%s] %s did not answer 200 within %.0f s: stopping it", record.name, url,
-                      record.spec.load_timeout_s)
-            child.kill_now_sync()
+        if not ready or record.child is not child or record.status != ModelStatus.LOADING:
             return
         record.port = port
         record.meta = {"port": port, "check_endpoint": record.spec.check_endpoint}
@@ -277,16 +314,17 @@ class Registry:
 
     async def evict(self, record: ModelRecord) -> None:
         """Stop an idle model without cutting off anyone: requests that arrive while it stops wait
-        (draining) and then find it unloaded, so they load it again instead of reaching a dying child."""
+        (closed to new requests) and then find it unloaded, so they load it again instead of reaching
+        a dying child."""
         if record.in_flight:
             return
-        record.draining = True
+        self._evicting.add(record)
         try:
             async with record.lock:
                 if record.in_flight == 0:
                     await self._stop(record)
         finally:
-            record.draining = False
+            self._evicting.discard(record)
             self.notify_room()
 
     async def _stop(self, record: ModelRecord) -> None:
@@ -299,10 +337,8 @@ class Registry:
 
     def add_downloading(self, spec: ModelSpec) -> ModelRecord:
         record = ModelRecord(spec)
-        record.status = ModelStatus.DOWNLOADING  # born downloading: no earlier status to leave
         self.records[spec.name] = record
-        log.info("model %s downloading", spec.name)
-        self.events.publish(spec.name, "status_change", {"status": str(ModelStatus.DOWNLOADING)})
+        self.set_status(record, ModelStatus.DOWNLOADING, "(download started)")
         return record
 
     def finish_download(self, record: ModelRecord, spec: ModelSpec) -> None:
@@ -358,9 +394,11 @@ class Registry:
         await asyncio.gather(*(self._stop(r) for r in running), return_exceptions=True)
 
     def kill_all_now(self) -> None:
+        """At router exit, whatever ended it: no child, nor anything a child started, lives on."""
         for record in self.records.values():
             if record.child is not None:
                 record.child.kill_now_sync()
+        self.reaper.close()
 
     # -- reports from the child -----------------------------------------------------------------
 
@@ -394,6 +432,7 @@ class Registry:
         record.child = None
         record.port = None
         record.meta = {}
+        record.rss_bytes = None
         reason = "(child exited)" if code == 0 else f"(child failed, exit code {code})"
         self.set_status(record, ModelStatus.UNLOADED, reason, exit_code=code)
 
