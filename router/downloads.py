@@ -1,10 +1,15 @@
 """POST /models: fetch a GGUF model from the Hugging Face Hub in the background.
 
-huggingface_hub does the work (HF_ENDPOINT, the cache layout, resumable blobs); this module picks
-the files (the quant names the GGUF, every shard of it comes along, and a projector file if the
-repo has one), reports progress on the status feed at most every 100 ms through a tqdm class
+huggingface_hub does the work (HF_ENDPOINT, the cache layout, the blobs); this module picks the
+files (the quant names the GGUF, every shard of it comes along, and a projector file if the repo
+has one), reports progress on the status feed at most every 100 ms through a tqdm class
 huggingface_hub accepts, and cancels on request. A cancelled or failed download leaves no partial
-file and no model behind.
+file and no model behind, and removes only what it added itself: other quants of the same
+repository, finished or still downloading, are not its business.
+
+Failures are told apart as a user needs them: a reference the hub does not know (or a quant the
+repository lacks) is a 400, a hub that answers with an error is a 502, one that does not answer
+in time a 504.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import threading
 import time
 from typing import Any
 
-from huggingface_hub import HfApi, constants, hf_hub_download
+import httpx
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from tqdm.std import tqdm
 
-from router.errors import InvalidRequest
-from router.hf_cache import SHARD, is_main_gguf, model_name, parse_reference, quant_of, remove_partial_files
+from router.errors import GatewayTimeout, InvalidRequest, RouterError, UpstreamFailed
+from router.gguf_files import is_main_gguf, pick_projector, quant_of, shard_files
+from router.hf_cache import model_name, parse_reference, remove_unfinished_download
 from router.model_record import ModelRecord
 from router.model_sources import SOURCE_CACHE, ModelSpec
 from router.registry import Registry
@@ -59,14 +67,9 @@ def plan_download(reference: str, repo_files: list[str]) -> DownloadPlan:
         raise InvalidRequest(f"repository {repo_id} has no GGUF file for quant {quant} "
                              f"(it has: {', '.join(candidates)})")
     main = (matching or candidates)[0]
-    files = [main]
-    shard = SHARD.search(main)
-    if shard:
-        prefix = SHARD.sub("", main)
-        files = sorted(f for f in repo_files if f.startswith(prefix) and SHARD.search(f))
-    projectors = sorted(f for f in repo_files if f.endswith(".gguf") and "mmproj" in f.lower())
-    projector = next((p for p in projectors if "f16" in p.lower()), projectors[0] if projectors else None)
-    return DownloadPlan(repo_id, main, tuple(files + ([projector] if projector else [])), projector)
+    projector = pick_projector(repo_files)
+    files = shard_files(main, repo_files) + ([projector] if projector else [])
+    return DownloadPlan(repo_id, main, tuple(files), projector)
 
 
 class Downloads:
@@ -74,6 +77,11 @@ class Downloads:
         self.registry = registry
         self.token = token
         self._active: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
+        self._repos: dict[str, str] = {}  # model name -> repository, of the downloads running
+
+    def _etag_of(self, repo_id: str, file_name: str) -> str:
+        """The name of the blob a file is stored under (for cleaning up after it)."""
+        return str(get_hf_file_metadata(hf_hub_url(repo_id, file_name), token=self.token).etag or "")
 
     async def start(self, reference: str) -> str:
         """Validate the reference against the hub and start the download; returns the model's name."""
@@ -83,9 +91,8 @@ class Downloads:
             raise InvalidRequest(str(exc)) from exc
         try:
             repo_files = await asyncio.to_thread(HfApi(token=self.token).list_repo_files, repo_id)
-        except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many kinds; all mean "cannot"
-            raise InvalidRequest(f"model validation failed, unable to download {reference}: "
-                                 f"{str(exc).splitlines()[0]}") from exc
+        except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many kinds: sorted below
+            raise hub_error(f"model validation failed, unable to download {reference}", exc) from exc
         plan = plan_download(reference, repo_files)
         name = model_name(plan.repo_id, plan.main_file)
         if self.registry.lookup(name) is not None or self.registry.lookup(reference) is not None:
@@ -96,6 +103,7 @@ class Downloads:
         cancelled = threading.Event()
         task = asyncio.create_task(self._run(record, plan, cancelled), name=f"download-{name}")
         self._active[name] = (task, cancelled)
+        self._repos[name] = plan.repo_id
         return name
 
     async def cancel(self, name: str) -> None:
@@ -112,6 +120,8 @@ class Downloads:
 
     async def _run(self, record: ModelRecord, plan: DownloadPlan, cancelled: threading.Event) -> None:
         loop = asyncio.get_running_loop()
+        new_files: list[str] = []  # this download's files that were not in the cache before it
+        etags: list[str] = []
         progress: dict[str, dict[str, int]] = {f: {"done": 0, "total": 0} for f in plan.files}
         last_sent = [0.0]
 
@@ -128,6 +138,10 @@ class Downloads:
         try:
             paths: dict[str, str] = {}
             for file_name in plan.files:
+                cached = await asyncio.to_thread(try_to_load_from_cache, plan.repo_id, file_name)
+                if not isinstance(cached, str):
+                    new_files.append(file_name)
+                    etags.append(await asyncio.to_thread(self._etag_of, plan.repo_id, file_name))
                 paths[file_name] = await asyncio.to_thread(
                     hf_hub_download, plan.repo_id, file_name, token=self.token,
                     tqdm_class=_progress_class(file_name, on_update, cancelled))
@@ -143,13 +157,29 @@ class Downloads:
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, DownloadCancelled) or cancelled.is_set() else str(exc)
             log.warning("download of %s failed: %s", record.name, reason)
-            await asyncio.to_thread(remove_partial_files, plan.repo_id)
+            others = any(n != record.name and repo == plan.repo_id for n, repo in self._repos.items())
+            await asyncio.to_thread(remove_unfinished_download, plan.repo_id, new_files, etags, not others)
             self.registry.drop_download(record)
             self.registry.events.publish(record.name, "download_failed", {"error": reason})
             if not isinstance(exc, Exception):
                 raise
         finally:
             self._active.pop(record.name, None)
+            self._repos.pop(record.name, None)
+
+
+def hub_error(context: str, exc: BaseException) -> RouterError:
+    """What a user should get back for a failed call to the hub."""
+    first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+    message = f"{context}: {first_line}"
+    if isinstance(exc, RepositoryNotFoundError | RevisionNotFoundError | EntryNotFoundError | ValueError):
+        return InvalidRequest(message)
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return GatewayTimeout(message)
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else 502
+        return InvalidRequest(message) if 400 <= status < 500 else UpstreamFailed(message)
+    return UpstreamFailed(message)  # the hub could not be reached or answered nonsense
 
 
 def _progress_class(file_name: str, on_update: Any, cancelled: threading.Event) -> type[tqdm]:

@@ -1,25 +1,30 @@
-"""GGUF models in the Hugging Face cache: naming, listing (source `cache`), removal.
+"""GGUF models in the Hugging Face cache: naming, listing (source `cache`), removal, and cleaning
+up after a download that did not finish.
 
 A cached model is named `user/repo:QUANT` (the quant tag read from the file name, as in
 `model-Q4_K_M.gguf`), or `user/repo` when no tag can be read. Listing and removal go through
-huggingface_hub's own cache scanner, so the cache stays in the layout its tools expect.
+huggingface_hub's own cache scanner, so the cache stays in the layout its tools expect. Removal
+and cleanup only ever touch the files of the one model (or the one download) they are about:
+other quants of the same repository stay, and so does a blob another file still points at.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import scan_cache_dir
+from filelock import FileLock, Timeout
+from huggingface_hub import constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
+
+from router.gguf_files import is_main_gguf, pick_projector, quant_of, shard_files
 
 log = logging.getLogger(__name__)
 
-QUANT_TAG = re.compile(r"(?i)(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])")
-SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 REPO_REFERENCE = re.compile(r"^([A-Za-z0-9][\w.-]*)/([\w.-]+?)(?::([\w.-]+))?$")
 
 
@@ -29,11 +34,6 @@ class CachedModel:
     repo_id: str
     model_path: str
     projector_path: str | None
-
-
-def quant_of(file_name: str) -> str | None:
-    match = QUANT_TAG.search(SHARD.sub(".gguf", file_name))
-    return match.group(1).upper() if match else None
 
 
 def model_name(repo_id: str, file_name: str) -> str:
@@ -49,11 +49,18 @@ def parse_reference(reference: str) -> tuple[str, str | None]:
     return f"{match.group(1)}/{match.group(2)}", match.group(3)
 
 
-def is_main_gguf(file_name: str) -> bool:
-    if not file_name.endswith(".gguf") or "mmproj" in file_name.lower():
-        return False
-    shard = SHARD.search(file_name)
-    return shard is None or shard.group(1) == "00001"
+def repo_folder(repo_id: str, cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def _snapshot_files(repo_path: Path) -> dict[str, Path]:
+    """Every file of every snapshot, by its path inside the repository (`Q4_K_M/m.gguf`)."""
+    files: dict[str, Path] = {}
+    for snapshot in sorted((repo_path / "snapshots").glob("*")):
+        for path in snapshot.rglob("*"):
+            if path.is_file() or path.is_symlink():
+                files.setdefault(path.relative_to(snapshot).as_posix(), path)
+    return files
 
 
 def list_cached_models(cache_dir: str | None = None) -> list[CachedModel]:
@@ -65,48 +72,89 @@ def list_cached_models(cache_dir: str | None = None) -> list[CachedModel]:
     for repo in info.repos:
         if repo.repo_type != "model":
             continue
-        files = {f.file_name: str(f.file_path) for revision in repo.revisions for f in revision.files}
-        projectors = sorted(name for name in files if name.endswith(".gguf") and "mmproj" in name.lower())
-        for file_name in sorted(files):
-            if is_main_gguf(file_name):
-                found.append(CachedModel(model_name(repo.repo_id, file_name), repo.repo_id, files[file_name],
-                                         files[projectors[0]] if projectors else None))
+        files = {name: str(path) for name, path in _snapshot_files(Path(repo.repo_path)).items()}
+        projector = pick_projector(files)
+        for name in sorted(files):
+            if is_main_gguf(name):
+                found.append(CachedModel(model_name(repo.repo_id, name), repo.repo_id, files[name],
+                                         files[projector] if projector else None))
     return found
 
 
-def remove_cached_model(model: CachedModel, cache_dir: str | None = None) -> None:
-    """Delete the model's files (every shard and their blobs); the whole repo if no GGUF is left."""
-    info = scan_cache_dir(cache_dir)
-    repo = next((r for r in info.repos if r.repo_id == model.repo_id and r.repo_type == "model"), None)
-    if repo is None:
+def _blob_of(pointer: Path) -> Path | None:
+    """The blob a snapshot entry points at (None for a plain file, as without symlink support)."""
+    if not pointer.is_symlink():
+        return None
+    return (pointer.parent / os.readlink(pointer)).resolve()
+
+
+def _remove_pointers(repo_path: Path, doomed: set[str]) -> None:
+    """Delete these snapshot entries, and each blob no remaining entry points at."""
+    files = _snapshot_files(repo_path)
+    kept_blobs = {_blob_of(path) for name, path in files.items() if name not in doomed}
+    for name in doomed:
+        path = files.get(name)
+        if path is None:
+            continue
+        blob = _blob_of(path)
+        path.unlink(missing_ok=True)
+        if blob is not None and blob not in kept_blobs:
+            blob.unlink(missing_ok=True)
+
+
+def _prune_empty(repo_path: Path) -> None:
+    """Remove the repository's folder when no model file is left in it (refs and empty folders
+    do not count), along with its lock folder."""
+    if not repo_path.is_dir():
         return
-    main = Path(model.model_path).name
-    prefix = SHARD.sub("", main) if SHARD.search(main) else None
-    doomed = {main} | ({f.file_name for rev in repo.revisions for f in rev.files
-                        if prefix and f.file_name.startswith(prefix)})
-    remaining = set()
-    for revision in repo.revisions:
-        for cached in revision.files:
-            if cached.file_name in doomed:
-                cached.file_path.unlink(missing_ok=True)
-                Path(cached.blob_path).unlink(missing_ok=True)
-            elif is_main_gguf(cached.file_name):
-                remaining.add(cached.file_name)
-    if not remaining:
-        shutil.rmtree(repo.repo_path, ignore_errors=True)
+    left = [p for p in repo_path.rglob("*") if (p.is_file() or p.is_symlink()) and p.parent.name != "refs"
+            and p.parent.parent.name != "refs"]
+    if left:
+        return
+    shutil.rmtree(repo_path, ignore_errors=True)
+    shutil.rmtree(repo_path.parent / ".locks" / repo_path.name, ignore_errors=True)
+
+
+def remove_cached_model(model: CachedModel, cache_dir: str | None = None) -> None:
+    """Delete the model's files (every shard of it; the projector too when no other model of the
+    repository is left), and the repository's folder once nothing is left in it."""
+    repo_path = repo_folder(model.repo_id, cache_dir)
+    files = _snapshot_files(repo_path)
+    main = next((name for name, path in files.items() if str(path) == model.model_path), None)
+    if main is None:
+        return
+    doomed = set(shard_files(main, files))
+    if not any(is_main_gguf(name) for name in files if name not in doomed):
+        doomed |= {name for name in files if name.endswith(".gguf")}  # the projector has no model left
+    _remove_pointers(repo_path, doomed)
+    _prune_empty(repo_path)
     log.info("removed %s from the Hugging Face cache", model.name)
 
 
-def remove_partial_files(repo_id: str, cache_dir: str | None = None) -> None:
-    """After a cancelled download: no `.incomplete` blob, and no repo folder left with nothing in it."""
-    from huggingface_hub import constants
+def remove_unfinished_download(repo_id: str, new_files: list[str], etags: list[str], prune: bool,
+                               cache_dir: str | None = None) -> None:
+    """After a cancelled or failed download: remove what this download added and nothing else.
 
-    root = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
-    if not root.is_dir():
+    `new_files` are the files of this download that were not in the cache before it started (the
+    ones it completed are removed again: a model is all of its shards or nothing); `etags` are the
+    blobs it was fetching, whose partial files an older huggingface_hub keeps as
+    `blobs/<etag>.incomplete` (removed only while no other download holds that blob's lock).
+    `prune`: remove the repository's folder if nothing is left in it (not while another download
+    of the same repository runs: it may be about to write there).
+    """
+    repo_path = repo_folder(repo_id, cache_dir)
+    if not repo_path.is_dir():
         return
-    for partial in root.glob("blobs/*.incomplete"):
-        partial.unlink(missing_ok=True)
-    if not any(root.glob("snapshots/*/*.gguf")):
-        shutil.rmtree(root, ignore_errors=True)
-    lock_dir = Path(cache_dir or constants.HF_HUB_CACHE) / ".locks" / root.name
-    shutil.rmtree(lock_dir, ignore_errors=True)
+    _remove_pointers(repo_path, set(new_files))
+    locks = repo_path.parent / ".locks" / repo_path.name
+    for etag in etags:
+        partial = repo_path / "blobs" / f"{etag}.incomplete"
+        if not partial.exists():
+            continue
+        try:
+            with FileLock(str(locks / f"{etag}.lock"), timeout=0):
+                partial.unlink(missing_ok=True)
+        except Timeout:
+            pass  # another download is writing it now
+    if prune:
+        _prune_empty(repo_path)

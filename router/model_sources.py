@@ -6,12 +6,12 @@ Each source yields ModelSpecs; precedence of options is router command line > mo
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.errors import ConfigError
+from router.gguf_files import is_main_gguf, pick_projector, strip_shard
 from router.hf_cache import list_cached_models
 from router.presets import PresetFile, load_preset_file, parse_bool, render_ini
 from router.settings import RouterSettings
@@ -20,9 +20,11 @@ SOURCE_PRESET = "preset"
 SOURCE_MODELS_DIR = "models_dir"
 SOURCE_CACHE = "cache"
 
+# Preset keys that hold a file path: a relative one is taken from the preset file's folder.
+PATH_OPTIONS = ("model", "mmproj", "chat-template-file")
+
 # Options the router passes itself or keeps for the listing; never rendered from a preset.
 _NOT_RENDERED = {"alias", "tags", "host", "port"}
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,9 @@ def _make_spec(name: str, source: str, options: dict[str, str | bool], router_op
 
 
 def _resolve_relative(value: str, base: Path) -> str:
-    if value.startswith("pkg:") or Path(value).is_absolute() or Path(value).exists():
+    """A relative model path is taken from the preset file's folder, wherever the router was
+    started (never from the working directory: the same preset must mean the same file)."""
+    if value.startswith("pkg:") or Path(value).is_absolute():
         return value
     return str((base / value).resolve())
 
@@ -129,8 +133,9 @@ def specs_from_preset(preset: PresetFile, settings: RouterSettings) -> list[Mode
     for section in preset.sections:
         options = {**preset.global_section.options, **section.options}
         router_options = {**preset.global_section.router_options, **section.router_options}
-        if isinstance(options.get("model"), str):
-            options["model"] = _resolve_relative(str(options["model"]), base)
+        for key in PATH_OPTIONS:
+            if isinstance(options.get(key), str):
+                options[key] = _resolve_relative(str(options[key]), base)
         specs.append(_make_spec(section.name, SOURCE_PRESET, options, router_options, settings,
                                 f"{preset.path}:{section.line}"))
     return specs
@@ -138,17 +143,10 @@ def specs_from_preset(preset: PresetFile, settings: RouterSettings) -> list[Mode
 
 def _gguf_in_folder(folder: Path) -> tuple[Path | None, Path | None]:
     """(main model file, projector file) of a model sub-folder."""
-    main: Path | None = None
-    projector: Path | None = None
-    for path in sorted(folder.glob("*.gguf")):
-        if "mmproj" in path.name.lower():
-            projector = projector or path
-            continue
-        shard = _SHARD.search(path.name)
-        if shard and shard.group(1) != "00001":
-            continue
-        main = main or path
-    return main, projector
+    names = sorted(path.name for path in folder.glob("*.gguf"))
+    main = next((name for name in names if is_main_gguf(name)), None)
+    projector = pick_projector(names)
+    return (folder / main if main else None), (folder / projector if projector else None)
 
 
 def specs_from_models_dir(folder: str, settings: RouterSettings,
@@ -159,11 +157,8 @@ def specs_from_models_dir(folder: str, settings: RouterSettings,
     specs = []
     for entry in sorted(root.iterdir()):
         options: dict[str, str | bool] = dict(global_options or {})
-        if entry.is_file() and entry.suffix == ".gguf" and "mmproj" not in entry.name.lower():
-            shard = _SHARD.search(entry.name)
-            if shard and shard.group(1) != "00001":
-                continue
-            name = _SHARD.sub("", entry.name).removesuffix(".gguf") if shard else entry.stem
+        if entry.is_file() and is_main_gguf(entry.name):
+            name = strip_shard(entry.name).removesuffix(".gguf")
             options["model"] = str(entry.resolve())
         elif entry.is_dir():
             main, projector = _gguf_in_folder(entry)
