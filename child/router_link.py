@@ -36,10 +36,6 @@ class RouterLink:
         sys.stdout = sys.stderr
         return cls(protocol_out)
 
-    @property
-    def under_router(self) -> bool:
-        return self._out is not None
-
     def announce(self, state: ChildState, payload: dict[str, Any] | None = None) -> None:
         if self._out is None:
             return

@@ -79,7 +79,6 @@ class ChildRuntime:
         self.settings = settings
         self.link = link
         self.state = ChildState.LOADING
-        self.load_progress = 0.0
         self.port = 0
         self.created = int(time.time())
         self.info: dict[str, Any] = {}
@@ -95,7 +94,6 @@ class ChildRuntime:
 
     def _report_progress(self, value: float) -> None:
         with self._progress_lock:
-            self.load_progress = value
             # libllama calls back once per tensor; report in 10 % steps.
             if value - self._last_progress_sent >= 0.1 or (value >= 1.0 > self._last_progress_sent):
                 self._last_progress_sent = value

@@ -199,9 +199,6 @@ class LlamaModel:
         """Drop the cells of `seq_id` at positions >= from_pos."""
         llama.llama_memory_seq_rm(self.memory, seq_id, from_pos, -1)
 
-    def clear(self) -> None:
-        llama.llama_memory_clear(self.memory, True)
-
     def close(self) -> None:
         if self.ctx:
             llama.llama_free(self.ctx)

@@ -95,10 +95,6 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    @property
-    def sleeping(self) -> bool:
-        return self.model is None
-
     def busy_slots(self) -> int:
         return sum(1 for s in self.slots if s.request is not None)
 
@@ -181,8 +177,12 @@ class Scheduler:
         else:
             self._cv.wait()
         if self._incoming and self.batch_window_s > 0 and not self._stopping:
-            # Requests that arrive together start together: wait a moment for the rest.
-            self._cv.wait(self.batch_window_s)
+            # Requests that arrive together start together: the window stays open for its whole
+            # length (each submit notifies, which must not end it early), then all that arrived
+            # in it are admitted in one step.
+            deadline = time.monotonic() + self.batch_window_s
+            while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+                self._cv.wait(remaining)
 
     def _sleep_model(self) -> None:
         assert self.model is not None
@@ -320,8 +320,6 @@ class Scheduler:
         started = time.perf_counter()
         result = llama.llama_decode(self.model.ctx, batch)
         self.stats.decode_calls_total += 1
-        self.stats.batch_tokens_total += n
-        self.stats.last_batch_size = len(wants_logits)
         self.stats.sequences_decoded_total += len(wants_logits)
         if result != 0:
             log.error("llama_decode returned %d for a batch of %d tokens", result, n)

@@ -35,10 +35,8 @@ class EngineStats:
     generated_tokens_total: int = 0
     requests_total: int = 0
     decode_calls_total: int = 0
-    batch_tokens_total: int = 0
     sequences_decoded_total: int = 0  # sum over decode calls of the sequences sampled in each
     decode_seconds_total: float = 0.0
-    last_batch_size: int = 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
