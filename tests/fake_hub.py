@@ -3,7 +3,7 @@
 Repository info (/api/models/...), file listing (.../tree/...), and file downloads
 (/{repo}/resolve/{revision}/{file}, HEAD and GET with Range). huggingface_hub runs against it
 for real through HF_ENDPOINT; no test reaches the internet. `bytes_per_second` throttles
-downloads so tests can watch progress and cancel midway.
+downloads (`file_bytes_per_second` one file) so tests can watch progress and cancel midway.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, Path]] = {}
         self.bytes_per_second: float | None = None
+        self.file_bytes_per_second: dict[str, float] = {}  # per file name, over bytes_per_second
+        self.fail_status: int | None = None  # when set, every route answers this status (a broken hub)
         self.requests: list[str] = []
         hub = self
 
@@ -57,6 +59,9 @@ class FakeHub:
     def _handle(self, handler: BaseHTTPRequestHandler, head: bool) -> None:
         path = unquote(urlparse(handler.path).path)
         self.requests.append(f"{'HEAD' if head else 'GET'} {path}")
+        if self.fail_status is not None:
+            self._json(handler, self.fail_status, {"error": "the hub is having a bad day"})
+            return
         api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
         tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+(?:/.*)?", path)
         resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
@@ -119,11 +124,12 @@ class FakeHub:
         if head:
             return
         step = 64 * 1024
+        rate = self.file_bytes_per_second.get(name, self.bytes_per_second)
         try:
             for offset in range(0, len(body), step):
                 handler.wfile.write(body[offset: offset + step])
-                if self.bytes_per_second:
-                    time.sleep(step / self.bytes_per_second)
+                if rate:
+                    time.sleep(step / rate)
         except (BrokenPipeError, ConnectionResetError):
             pass
 

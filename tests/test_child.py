@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -130,7 +131,8 @@ def test_child_runs_on_the_libllama_that_make_install_built(plain_child: str) ->
     # `make install` builds llama-cpp-python with modelyard's ggml patches (scripts/build-libllama.sh);
     # an install that silently fell back to the upstream wheel would still pass every other test.
     build_info = httpx.get(plain_child + "/props", timeout=10).json()["build_info"]
-    assert build_info.startswith("llama-cpp-python 0.3.36+modelyard."), build_info
+    installed = importlib.metadata.version("llama-cpp-python")  # the pin of pyproject.toml, plus the label
+    assert build_info == f"llama-cpp-python {installed}" and "+modelyard." in installed, build_info
 
 
 def test_child_streams_openai_chunks_and_usage(plain_child: str) -> None:

@@ -115,3 +115,101 @@ def test_downloads_cached_models_are_listed_and_removable(start_router, hub: Fak
     ids = [m["id"] for m in router.client.get("/models", params={"reload": "1"}).json()["data"]]
     assert sorted(ids) == [f"{REPO}:Q8_0", "local"]
     shutil.rmtree(cache, ignore_errors=True)
+
+
+def _cached_files(cache: Path, repo: str) -> set[str]:
+    snapshots = cache / ("models--" + repo.replace("/", "--")) / "snapshots"
+    return {p.relative_to(snap).as_posix() for snap in snapshots.glob("*") for p in snap.rglob("*.gguf")}
+
+
+def test_downloads_cancel_leaves_the_other_quants_of_the_repo(start_router, hub: FakeHub, tmp_path: Path,
+                                                              tiny_model: Path) -> None:
+    # Quants in sub-folders, as many repositories keep them: there is no GGUF at the top level.
+    big = tmp_path / "big.gguf"
+    big.write_bytes(tiny_model.read_bytes() * 8)
+    hub.add_repo("alice/multi-GGUF", {"Q4_K_M/multi-Q4_K_M.gguf": tiny_model, "Q8_0/multi-Q8_0.gguf": big})
+    router = _router(start_router, hub, tmp_path)
+    feed = EventFeed(router.url)
+    try:
+        first = router.client.post("/models", json={"model": "alice/multi-GGUF:Q4_K_M"}).json()["model"]
+        feed.wait_for(lambda e: e["model"] == first and e["event"] == "download_finished")
+        hub.bytes_per_second = 400_000
+        second = router.client.post("/models", json={"model": "alice/multi-GGUF:Q8_0"}).json()["model"]
+        feed.wait_for(lambda e: e["model"] == second and e["event"] == "download_progress")
+        assert router.client.post("/models/unload", json={"model": second}).json() == {"success": True}
+        feed.wait_for(lambda e: e["model"] == second and e["event"] == "download_failed")
+    finally:
+        feed.close()
+    cache = tmp_path / "hf"
+    assert _cached_files(cache, "alice/multi-GGUF") == {"Q4_K_M/multi-Q4_K_M.gguf"}
+    assert not list(cache.rglob("*.incomplete"))
+    ids = [m["id"] for m in router.client.get("/models", params={"reload": "1"}).json()["data"]]
+    assert ids == [first]
+    assert router.client.post("/v1/chat/completions", json={"model": first, **CHAT}).status_code == 200
+
+
+def test_downloads_one_cancelled_does_not_disturb_a_concurrent_one(start_router, hub: FakeHub, tmp_path: Path,
+                                                                   tiny_model: Path) -> None:
+    from tiny_model import write_tiny_model
+
+    other = write_tiny_model(tmp_path / "other.gguf", seed=99)  # its own bytes: its own blob
+    big = tmp_path / "big.gguf"
+    big.write_bytes(tiny_model.read_bytes() * 8)
+    hub.add_repo("alice/pair-GGUF", {"pair-Q8_0.gguf": big, "pair-Q4_K_M.gguf": other})
+    # The big one is cancelled after a second or two (progress, and so the cancel, comes per MiB);
+    # the small one takes about 20 s, so it is still downloading meanwhile.
+    hub.bytes_per_second = 1_000_000
+    hub.file_bytes_per_second["pair-Q4_K_M.gguf"] = 25_000
+    router = _router(start_router, hub, tmp_path)
+    feed = EventFeed(router.url)
+    try:
+        doomed = router.client.post("/models", json={"model": "alice/pair-GGUF:Q8_0"}).json()["model"]
+        kept = router.client.post("/models", json={"model": "alice/pair-GGUF:Q4_K_M"}).json()["model"]
+        feed.wait_for(lambda e: e["model"] == kept and e["event"] == "download_progress")
+        feed.wait_for(lambda e: e["model"] == doomed and e["event"] == "download_progress")
+        assert router.client.post("/models/unload", json={"model": doomed}).json() == {"success": True}
+        feed.wait_for(lambda e: e["model"] == doomed and e["event"] == "download_failed")
+        # The kept one was still downloading when the other was cancelled, and it finishes.
+        assert not [e for e in feed.seen if e["model"] == kept and e["event"].startswith("download_f")]
+        ended = feed.wait_for(lambda e: e["model"] == kept and e["event"] in ("download_finished", "download_failed"))
+        assert ended["event"] == "download_finished"
+    finally:
+        feed.close()
+    assert _cached_files(tmp_path / "hf", "alice/pair-GGUF") == {"pair-Q4_K_M.gguf"}
+    assert router.client.post("/v1/chat/completions", json={"model": kept, **CHAT}).status_code == 200
+
+
+def test_downloads_delete_of_a_sharded_model_takes_only_its_own_shards(start_router, hub: FakeHub,
+                                                                       tmp_path: Path, tiny_model: Path) -> None:
+    from tiny_model import write_tiny_model
+
+    shard_a = tmp_path / "a.bin"
+    shard_a.write_bytes(b"first shard")
+    shard_b = tmp_path / "b.bin"
+    shard_b.write_bytes(b"second shard")
+    lookalike = write_tiny_model(tmp_path / "lookalike.gguf", seed=5)
+    files = {"m-Q4_0-00001-of-00002.gguf": shard_a, "m-Q4_0-00002-of-00002.gguf": shard_b,
+             "m-Q4_0_4_4.gguf": lookalike, "m-Q4_0-00001-of-00003.gguf": shard_a}
+    hub.add_repo("alice/shards-GGUF", files)
+    cache = tmp_path / "hf"
+    for name in files:
+        hf_hub_download("alice/shards-GGUF", name, cache_dir=cache, endpoint=hub.url)
+    router = _router(start_router, hub, tmp_path)
+    assert router.client.delete("/models", params={"model": "alice/shards-GGUF:Q4_0"}).json() == {"success": True}
+    # Its two shards went; the Q4_0_4_4 file and a shard of another set (of 3) did not.
+    assert _cached_files(cache, "alice/shards-GGUF") == {"m-Q4_0_4_4.gguf", "m-Q4_0-00001-of-00003.gguf"}
+    left = {m["id"] for m in router.client.get("/models").json()["data"]}
+    assert "alice/shards-GGUF:Q4_0_4_4" in left
+    answer = router.client.post("/v1/chat/completions", json={"model": "alice/shards-GGUF:Q4_0_4_4", **CHAT})
+    assert answer.status_code == 200
+
+
+def test_downloads_a_failing_hub_is_a_502_not_a_bad_request(start_router, hub: FakeHub, tmp_path: Path) -> None:
+    router = _router(start_router, hub, tmp_path)
+    hub.fail_status = 503
+    answer = router.client.post("/models", json={"model": REPO})
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert error["type"] == "server_error" and "unable to download" in error["message"]
+    hub.fail_status = None
+    assert router.client.post("/models", json={"model": "bob/missing-GGUF"}).status_code == 400

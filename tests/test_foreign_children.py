@@ -42,7 +42,7 @@ def test_foreign_cmd_child_that_never_answers_is_stopped_at_load_timeout(start_r
     response = router.client.post("/v1/chat/completions", json={"model": "mute", **CHAT})
     assert response.status_code == 500
     assert "failed to load (exit code -9)" in response.json()["error"]["message"]
-    assert "did not answer 200 within 1 s" in router.log_text()
+    assert "[mute] not ready within 1 s (load-timeout): killing it" in router.log_text()
 
 
 def test_foreign_cmd_child_dies_with_a_sigkilled_router(start_router, tiny_model: Path) -> None:

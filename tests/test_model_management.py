@@ -22,6 +22,13 @@ def _slow_fake(name: str, tokens: int = 100) -> str:
     return f"[{name}]\nmodel = /unused/{name}.gguf\nbin = {command}\n"
 
 
+def _queue_length(router) -> float:  # type: ignore[no-untyped-def]
+    for line in router.client.get("/metrics").text.splitlines():
+        if line.startswith("modelyard_router_queue_length "):
+            return float(line.split()[1])
+    raise AssertionError("no queue length metric")
+
+
 def _wait_log(router, text: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while text not in router.log_text():
@@ -76,6 +83,12 @@ def test_management_client_leaving_the_queue_costs_nothing(start_router, tiny_mo
         next(line for line in lines if line.startswith("data: "))
         with contextlib.suppress(httpx.TimeoutException):  # the client gives up while waiting for room
             httpx.post(router.url + "/v1/chat/completions", json={"model": "b", **CHAT}, timeout=0.3)
+        # The router noticed at once: the queue is empty again while busy is still streaming.
+        deadline = time.monotonic() + 10
+        while _queue_length(router) != 0:
+            assert time.monotonic() < deadline, "the abandoned load stayed in the queue"
+            time.sleep(0.02)
+        assert router.status("busy") == "loaded" and router.model_entry("busy")["in_flight"] == 1
         assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
     # The abandoned request neither loaded b nor left anything behind: busy stays resident.
     assert router.status("busy") == "loaded"
@@ -121,8 +134,14 @@ def test_management_memory_admission_refuses_with_the_numbers(start_router, tiny
 def test_management_models_show_their_resident_memory(start_router, tiny_model: Path) -> None:
     router = start_router(tiny_preset(tiny_model, ["tiny"]))
     router.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT})
-    entry = router.model_entry("tiny")
+    # Sampled off the event loop once a second: it appears shortly after the child is up.
+    deadline = time.monotonic() + 10
+    while "memory" not in (entry := router.model_entry("tiny")):
+        assert time.monotonic() < deadline, "no memory figure for a running model"
+        time.sleep(0.1)
     assert entry["memory"]["rss_bytes"] > 10 * 2**20
+    router.client.post("/models/unload", json={"model": "tiny"})
+    assert "memory" not in router.wait_status("tiny", "unloaded")
 
 
 def test_management_router_refuses_to_start_when_startup_models_do_not_fit(tmp_path: Path, tiny_model: Path) -> None:

@@ -45,7 +45,8 @@ def test_operations_model_logs_replay_recent_lines_then_follow(start_router, tin
     assert router.client.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
     assert router.client.get("/models/logs", params={"model": "nope"}).status_code == 404
     lines: list[str] = []
-    got_live = threading.Event()
+    replayed = 0  # lines already in the ring when the unload started
+    live_exit_line = False
     unloader = threading.Thread(target=lambda: httpx.post(router.url + "/models/unload", json={"model": "a"},
                                                           timeout=30))
     with httpx.stream("GET", router.url + "/models/logs", params={"model": "a"}, timeout=30) as response:
@@ -55,14 +56,18 @@ def test_operations_model_logs_replay_recent_lines_then_follow(start_router, tin
                 continue
             entry = json.loads(line[6:])
             lines.append(entry["line"])
-            if any("serving a on http://" in seen for seen in lines) and not got_live.is_set():
-                got_live.set()
-                # A new log line appears live: unloading makes the child log its exit.
+            if not unloader.is_alive() and "serving a on http://" in entry["line"]:
+                # The replay reached the child's last line so far: every line after this one is
+                # live, and unloading makes the child log one more.
+                replayed = len(lines)
                 unloader.start()
-            if "exit command received from the router" in entry["line"]:
+            elif replayed and "exit command received from the router" in entry["line"]:
+                live_exit_line = True
                 break
     unloader.join(30)
-    assert any("loaded" in line and "tiny.gguf" in line for line in lines)
+    assert any("loaded" in line and "tiny.gguf" in line for line in lines[:replayed])  # replayed from the ring
+    assert live_exit_line, "the exit line never came live"
+    assert not any("exit command received" in line for line in lines[:replayed])
 
 
 def test_operations_oversized_bodies_get_413(start_router, tiny_model: Path) -> None:

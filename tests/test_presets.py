@@ -137,12 +137,13 @@ def test_protocol_lines_round_trip_and_malformed_lines_raise() -> None:
 def test_status_transitions_follow_the_diagram() -> None:
     allowed = [("unloaded", "loading"), ("loading", "loaded"), ("loading", "unloaded"),
                ("loaded", "sleeping"), ("sleeping", "loaded"), ("loaded", "unloaded"),
-               ("sleeping", "unloaded"), ("loading", "loading"), ("downloading", "unloaded")]
+               ("sleeping", "unloaded"), ("loading", "loading"), ("downloading", "unloaded"),
+               ("unloaded", "downloading"), ("downloading", "downloading")]
     for old, new in allowed:
         check_transition(ModelStatus(old), ModelStatus(new))
     for old, new in [("unloaded", "loaded"), ("unloaded", "sleeping"), ("loaded", "loading"),
                      ("sleeping", "loading"), ("unloaded", "unloaded"), ("downloading", "loading"),
-                     ("unloaded", "downloading")]:
+                     ("loaded", "downloading"), ("downloading", "loaded")]:
         with pytest.raises(InvalidTransition):
             check_transition(ModelStatus(old), ModelStatus(new))
 

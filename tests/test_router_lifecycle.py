@@ -97,8 +97,15 @@ def test_router_real_child_killed_mid_stream(start_router, tiny_model: Path) -> 
 
 
 def test_router_non_streaming_request_to_a_crashing_child_gets_502(start_router) -> None:
-    router = start_router(_fake_preset("fake", "--crash-after", "0.5", "--tokens", "5"))
+    # The child crashes 0.5 s after it is ready, in the middle of a 30 s answer.
+    router = start_router(_fake_preset("fake", "--crash-after", "0.5", "--answer-delay", "30"))
     assert router.client.post("/models/load", json={"model": "fake"}).status_code == 200
+    router.wait_status("fake", "loaded")
+    answer = router.client.post("/v1/chat/completions", json={"model": "fake", "messages": []})
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert error["code"] == 502 and error["type"] == "server_error"
+    assert error["message"].startswith("model 'fake' did not answer")
     entry = router.wait_status("fake", "unloaded")
     assert entry["status"]["exit_code"] == 3 and entry["status"]["failed"] is True
 
