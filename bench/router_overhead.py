@@ -204,10 +204,14 @@ async def measure(args: argparse.Namespace, router_port: int, child_port: int, w
                               ("child /props", child_port, "/props"), ("child /health", child_port, "/health")):
         times = await latencies(port, raw_request("GET", path), args.requests, fresh=False)
         small[label] = {"p50_ms": statistics.median(times), "p95_ms": percentile(times, 0.95)}
+    # This machine's speed drifts by tens of percent from one second to the next: many short rounds,
+    # each a pair taken back to back (which one goes first alternates), and the median of the
+    # pairs' ratios.
     rates: tuple[list[float], list[float]] = ([], [])
     use_wrk = shutil.which("wrk") is not None and not args.python_client
-    for _ in range(args.rounds):
-        for port, into in ((child_port, rates[0]), (router_port, rates[1])):
+    for round_index in range(args.throughput_rounds):
+        pair = [(child_port, rates[0]), (router_port, rates[1])]
+        for port, into in pair if round_index % 2 == 0 else reversed(pair):
             if use_wrk:
                 into.append(await asyncio.to_thread(wrk_throughput, port, args.clients, args.seconds, workdir))
             else:
@@ -216,8 +220,7 @@ async def measure(args: argparse.Namespace, router_port: int, child_port: int, w
     return {"latency": rows, "small_routes": small,
             "throughput": {"clients": args.clients, "client": "wrk" if use_wrk else "python",
                            "direct_rps": statistics.median(rates[0]), "routed_rps": statistics.median(rates[1]),
-                           "ratio": statistics.median(rates[1]) / statistics.median(rates[0]),
-                           "round_ratios": ratios}}
+                           "ratio": statistics.median(ratios), "round_ratios": ratios}}
 
 
 def report(results: dict[str, object]) -> str:
@@ -229,10 +232,11 @@ def report(results: dict[str, object]) -> str:
                      f"{r['added_p95_ms']:+.2f} ms |")
     t = results["throughput"]
     lines.append("")
-    rounds = ", ".join(f"{r:.2f}" for r in t["round_ratios"])  # type: ignore[index]
+    ratios = sorted(t["round_ratios"])  # type: ignore[index]
     lines.append(f"{t['clients']} clients, keep-alive ({t['client']}): direct {t['direct_rps']:.0f} req/s, "  # type: ignore[index]
-                 f"router {t['routed_rps']:.0f} req/s, ratio of medians {t['ratio']:.2f}x "  # type: ignore[index]
-                 f"(each round: {rounds})")
+                 f"router {t['routed_rps']:.0f} req/s (medians); router/direct per round: median "
+                 f"{t['ratio']:.2f}x, quartiles {ratios[len(ratios) // 4]:.2f}-{ratios[3 * len(ratios) // 4]:.2f}, "  # type: ignore[index]
+                 f"{len(ratios)} rounds")
     lines.append("")
     lines.append("| small route, keep-alive | p50 | p95 |")
     lines.append("|---|---:|---:|")
@@ -246,7 +250,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="per measure and target")
     parser.add_argument("--rounds", type=int, default=4, help="alternations of direct and routed")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput round")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per throughput round and target")
+    parser.add_argument("--throughput-rounds", type=int, default=20)
     parser.add_argument("--python-client", action="store_true", help="measure throughput without wrk")
     parser.add_argument("--json", default="")
     args = parser.parse_args()

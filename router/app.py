@@ -109,7 +109,7 @@ def front_door(app: FastAPI) -> ASGIApp:
     on a preflight), the size limit applies before anything reads a body, then the key.
     """
     settings: RouterSettings = app.state.settings
-    entry: ASGIApp = ProxiedPostsFastPath(app, openai.PROXIED_POSTS, openai.proxy_post)
+    entry: ASGIApp = ProxiedPostsFastPath(app, openai.PROXIED_POSTS, openai.proxy_body)
     if settings.api_key:
         entry = ApiKeyMiddleware(entry, api_key=settings.api_key)
     entry = BodyLimitMiddleware(entry, max_bytes=settings.max_body_bytes)

@@ -21,9 +21,14 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and b"transfer-encoding" not in headers:
+            if int(declared) > self.max_bytes:
+                await self._refuse(send)
+            else:
+                # The HTTP parser frames the body by its declared length: it cannot grow past it.
+                await self.app(scope, receive, send)
             return
         received = 0
         over = False

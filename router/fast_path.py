@@ -12,14 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from starlette.types import Receive, Scope, Send
 
+from child.serving import read_body
 from router.errors import error_response_for
+
+Handler = Callable[[Scope, Receive, bytes], Awaitable[Response]]
 
 
 class ProxiedPostsFastPath:
-    def __init__(self, app: FastAPI, paths: Iterable[str], handler: Callable[[Request], Awaitable[Response]]) -> None:
+    """Takes a POST to one of `paths`, reads its body and answers with `handler`'s response."""
+
+    def __init__(self, app: FastAPI, paths: Iterable[str], handler: Handler) -> None:
         self.app = app
         self.paths = frozenset(paths)
         self.handler = handler
@@ -30,7 +35,7 @@ class ProxiedPostsFastPath:
             return
         scope["app"] = self.app  # what FastAPI would set: handlers reach app.state through it
         try:
-            response = await self.handler(Request(scope, receive))
+            response = await self.handler(scope, receive, await read_body(receive))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped answer
             response = error_response_for(exc)
         await response(scope, receive, send)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -39,6 +40,24 @@ class RouterMetrics:
                                 ["model", "code"], registry=self.registry)
         self.proxied_bytes = Counter("modelyard_router_proxied_bytes", "Response bytes relayed from children",
                                      ["model"], registry=self.registry)
+        # labels() takes a lock and builds a key on every call; a proxied request counts twice.
+        self._answered: dict[tuple[str, int], Any] = {}
+        self._relayed: dict[str, Any] = {}
+
+    def count_answer(self, model: str, status: int, relayed_bytes: int) -> None:
+        """One proxied request: the status it was answered with (502 when the child failed)."""
+        counter = self._answered.get((model, status))
+        if counter is None:
+            counter = self._answered[(model, status)] = self.requests.labels(model, str(status))
+        counter.inc()
+        self.count_relayed(model, relayed_bytes)
+
+    def count_relayed(self, model: str, relayed_bytes: int) -> None:
+        if relayed_bytes:
+            counter = self._relayed.get(model)
+            if counter is None:
+                counter = self._relayed[model] = self.proxied_bytes.labels(model)
+            counter.inc(relayed_bytes)
 
     def on_transition(self, record: ModelRecord, old: ModelStatus, new: ModelStatus, exit_code: int | None,
                       load_seconds: float | None) -> None:

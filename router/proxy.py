@@ -54,15 +54,16 @@ def target_of(scope: Scope) -> str:
 
 
 async def relay(client: UpstreamClient, lease: Lease, method: str, target: str,
-                headers: list[tuple[bytes, bytes]], body: bytes, receive: Receive | None = None) -> Response:
+                headers: list[tuple[bytes, bytes]], body: bytes,
+                watch: tuple[Scope, Receive] | None = None) -> Response:
     """Send the request to the lease's child and return the response to give the client.
 
     `target` is the encoded path and query (`target_of`), `headers` the client's raw ASGI headers.
-    `receive` is the client's ASGI receive channel (its body already read): when given, a client
-    that leaves before the answer has started cancels the upstream request."""
-    if receive is None:
+    `watch` is the client's ASGI scope and receive channel (its body already read): when given, a
+    client that leaves before the answer has started cancels the upstream request."""
+    if watch is None:
         return await _relay(client, lease, method, target, headers, body)
-    async with cancelled_if_client_leaves(receive):
+    async with cancelled_if_client_leaves(*watch):
         return await _relay(client, lease, method, target, headers, body)
 
 
@@ -79,7 +80,7 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
         upstream = await client.request(method, CHILD_HOST, record.port, target, forward, body)
     except UpstreamError as exc:
         lease.release()
-        metrics.requests.labels(name, "502").inc()
+        metrics.count_answer(name, 502, 0)
         raise UpstreamFailed(f"model '{name}' did not answer: {type(exc).__name__}: {exc}") from exc
     except BaseException:
         lease.release()
@@ -91,16 +92,15 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
         try:
             data = await upstream.read()
         except UpstreamError as exc:
-            metrics.requests.labels(name, "502").inc()
+            metrics.count_answer(name, 502, 0)
             raise UpstreamFailed(f"model '{name}' failed while answering: {type(exc).__name__}") from exc
         finally:
             upstream.release()
             lease.release()
-        metrics.requests.labels(name, str(status)).inc()
-        metrics.proxied_bytes.labels(name).inc(len(data))
+        metrics.count_answer(name, status, len(data))
         return _response(data, status, response_headers)
 
-    metrics.requests.labels(name, str(status)).inc()
+    metrics.count_answer(name, status, 0)
 
     async def stream() -> AsyncIterator[bytes]:
         relayed = 0
@@ -114,7 +114,7 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
         finally:
             upstream.release()  # a connection left in the middle of an answer is closed
             lease.release()
-            metrics.proxied_bytes.labels(name).inc(relayed)
+            metrics.count_relayed(name, relayed)
 
     response = StreamingResponse(stream(), status_code=status)
     response.raw_headers.extend(response_headers)

@@ -13,8 +13,9 @@ connections open per port, and hands the body over as it arrives, with flow cont
 - A request sent on a reused connection that the server had closed meanwhile (the connection
   ends before any byte of an answer) is sent again once on a new connection: the server never saw
   it.
-- Timeouts: connecting (`connect_timeout_s`) and the wait for each next piece of the answer
-  (`read_timeout_s`, the router's --timeout).
+- Timeouts: connecting (`connect_timeout_s`), and the wait for each next piece of the answer
+  (`read_timeout_s`, the router's --timeout): one timer per request, pushed on by every byte that
+  arrives, rather than a timeout object around every wait.
 
 Errors are UpstreamError (an OSError): refused, reset, closed mid-answer, malformed, timed out.
 """
@@ -45,9 +46,11 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
+        self._timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
+        self._disarm()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
@@ -60,6 +63,30 @@ class _Connection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._wakeup: asyncio.Future[None] | None = None
         self._framed = True  # False: the body runs to the end of the connection
+        self._last_activity = 0.0
+        self._timeout_s = 0.0
+
+    # -- the read timeout -----------------------------------------------------------------------
+
+    def arm(self, timeout_s: float) -> None:
+        """From now on, `timeout_s` without a byte from the server ends the exchange."""
+        self._timeout_s = timeout_s
+        self._last_activity = self.loop.time()
+        self._timer = self.loop.call_later(timeout_s, self._check_silence)
+
+    def _check_silence(self) -> None:
+        silent_s = self.loop.time() - self._last_activity
+        if silent_s < self._timeout_s:
+            self._timer = self.loop.call_later(self._timeout_s - silent_s, self._check_silence)
+            return
+        self._timer = None
+        self._fail(UpstreamError(f"no answer for {self._timeout_s:g} s"))
+        self._close()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -68,6 +95,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        self._last_activity = self.loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -76,6 +104,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._disarm()
         if self.headers_done.done() and not self._framed and not self.complete:
             self.on_message_complete()  # a body that ends with the connection has ended
             return
@@ -106,6 +135,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self._disarm()
         self._wake()
 
     # -- the reading side -----------------------------------------------------------------------
@@ -124,10 +154,11 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closed = True
+        self._disarm()
         if self.transport is not None:
             self.transport.close()
 
-    async def next_chunk(self, read_timeout_s: float) -> bytes | None:
+    async def next_chunk(self) -> bytes | None:
         """The next piece of the body; None at its end."""
         while True:
             if self._chunks:
@@ -143,11 +174,7 @@ class _Connection(asyncio.Protocol):
                 raise self._error
             self._wakeup = self.loop.create_future()
             try:
-                async with asyncio.timeout(read_timeout_s):
-                    await self._wakeup
-            except TimeoutError as exc:
-                self._close()
-                raise UpstreamError(f"no answer for {read_timeout_s:g} s") from exc
+                await self._wakeup
             finally:
                 self._wakeup = None
 
@@ -155,12 +182,10 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """An answer whose status and headers have arrived; read the body, then `release()`."""
 
-    def __init__(self, client: UpstreamClient, key: tuple[str, int], connection: _Connection,
-                 read_timeout_s: float) -> None:
+    def __init__(self, client: UpstreamClient, key: tuple[str, int], connection: _Connection) -> None:
         self._client = client
         self._key = key
         self._connection = connection
-        self._read_timeout_s = read_timeout_s
         self.status = connection.status
         self.headers = connection.headers  # (lowercase name, value), as received
         self._released = False
@@ -169,7 +194,7 @@ class UpstreamResponse:
         return next((value for key, value in self.headers if key == name), None)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._connection.next_chunk(self._read_timeout_s)) is not None:
+        while (chunk := await self._connection.next_chunk()) is not None:
             yield chunk
 
     async def read(self) -> bytes:
@@ -181,6 +206,7 @@ class UpstreamResponse:
             return
         self._released = True
         connection = self._connection
+        connection._disarm()
         if connection.complete and connection.keep_alive and not connection.closed:
             self._client._park(self._key, connection)
         else:
@@ -212,20 +238,17 @@ class UpstreamClient:
             connection._reset()
             assert connection.transport is not None
             connection.transport.write(message)
+            connection.arm(timeout_s)
             try:
-                async with asyncio.timeout(timeout_s):
-                    await connection.headers_done
+                await connection.headers_done
             except UpstreamError:
                 if reused and not connection.received_any:
                     continue  # the server had closed this idle connection: it never saw the request
                 raise
-            except TimeoutError as exc:
-                connection._close()
-                raise UpstreamError(f"no answer for {timeout_s:g} s") from exc
             except BaseException:
                 connection._close()  # cancelled: the server sees the request go away
                 raise
-            return UpstreamResponse(self, key, connection, timeout_s)
+            return UpstreamResponse(self, key, connection)
 
     async def _connect(self, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()

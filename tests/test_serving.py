@@ -96,3 +96,59 @@ async def test_serving_header_cap_counts_each_request_of_a_connection_alone(serv
         assert refused.startswith(b"HTTP/1.1 431 ") and b"request headers over" in refused
     finally:
         writer.close()
+
+
+@pytest.mark.anyio
+async def test_serving_a_block_is_cancelled_when_the_connection_is_lost() -> None:
+    """Through BoundedHeadersProtocol: the protocol calls back on the lost connection (no task)."""
+    outcome: list[str] = []
+    entered = asyncio.Event()
+
+    async def slow_app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        await serving.read_body(receive)
+        assert isinstance(scope.get(serving.DISCONNECT_CALLBACKS), list)
+        try:
+            async with serving.cancelled_if_client_leaves(scope, receive):
+                entered.set()
+                await asyncio.sleep(60)
+        except serving.ClientDisconnected:
+            outcome.append("cancelled")
+
+    sock = serving.listening_socket("127.0.0.1", 0)
+    server = serving.http_server(slow_app, graceful_shutdown_s=1, lifespan="off")
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        await asyncio.wait_for(entered.wait(), 10)
+        writer.close()
+        for _ in range(200):
+            if outcome:
+                break
+            await asyncio.sleep(0.02)
+        assert outcome == ["cancelled"]
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.anyio
+async def test_serving_without_the_protocol_a_watcher_reads_the_disconnect() -> None:
+    """Under another ASGI server (no callback list in the scope): a watcher task reads `receive`."""
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, str]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def work() -> None:
+        async with serving.cancelled_if_client_leaves({"type": "http"}, receive):
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(work())
+    await asyncio.sleep(0.05)
+    gone.set()
+    with pytest.raises(serving.ClientDisconnected):
+        await asyncio.wait_for(task, 5)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import Request
+from starlette.types import Scope
 
 from child.openai_http import NotAJsonObject, json_object
 from router.errors import InvalidRequest
@@ -40,9 +42,10 @@ def required_model_field(data: dict[str, Any], missing_message: str) -> str:
     return name
 
 
-def autoload_of(request: Request) -> bool:
+def autoload_of(scope: Scope) -> bool:
     """?autoload=true|false overrides --models-autoload for one request, as in llama.cpp."""
-    value = request.query_params.get("autoload") if b"autoload" in request.scope["query_string"] else None
+    query = scope["query_string"]
+    value = parse_qs(query.decode("latin-1")).get("autoload", [None])[-1] if b"autoload" in query else None
     if value is None:
-        return bool(request.app.state.settings.models_autoload)
+        return bool(scope["app"].state.settings.models_autoload)
     return value.lower() in ("1", "true")

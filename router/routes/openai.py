@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from starlette.types import Scope
+from starlette.types import Receive, Scope
 
+from child.openai_http import NotAJsonObject, json_object
 from child.protocol import CONVERSATION_HEADER, conversation_id_problem
 from child.serving import cancelled_if_client_leaves
 from router.errors import InvalidRequest
 from router.proxy import relay, target_of
-from router.registry import Lease
+from router.registry import Lease, Registry
 from router.routes import schemas
-from router.routes.common import autoload_of, json_body, model_field, registry_of
+from router.routes.common import autoload_of, model_field
 
 router = APIRouter()
 CONVERSATION_HEADER_BYTES = CONVERSATION_HEADER.encode()
@@ -23,15 +24,15 @@ PROXIED_POSTS = (
 )
 
 
-async def lease_for(request: Request, name: str | None) -> Lease:
+async def lease_for(scope: Scope, receive: Receive, name: str | None) -> Lease:
     """The model's lease; a request that has to wait for a load is cancelled if its client leaves
     (a client that gives up while waiting for room costs nothing)."""
-    registry = registry_of(request)
-    autoload = autoload_of(request)
+    registry: Registry = scope["app"].state.registry
+    autoload = autoload_of(scope)
     lease = registry.acquire_now(name, autoload)
     if lease is not None:  # the model serves and is open: no wait, nothing to watch
         return lease
-    async with cancelled_if_client_leaves(request.receive):
+    async with cancelled_if_client_leaves(scope, receive):
         return await registry.acquire(name, autoload)
 
 
@@ -47,19 +48,28 @@ def conversation_of(scope: Scope) -> str | None:
     return value
 
 
-async def proxy_post(request: Request) -> Response:
-    scope = request.scope
-    raw, data = await json_body(request)
+async def proxy_body(scope: Scope, receive: Receive, body: bytes) -> Response:
+    """A POST routed by its body's `model` (the body already read): relayed to that model's child.
+
+    Served by router/fast_path.py in front of FastAPI; `proxy_post` is the same for FastAPI."""
+    state = scope["app"].state
+    try:
+        data = json_object(body)
+    except NotAJsonObject as exc:
+        raise InvalidRequest(str(exc)) from exc
     conversation_id = conversation_of(scope)
-    lease = await lease_for(request, model_field(data))
+    lease = await lease_for(scope, receive, model_field(data))
     model = lease.record.name
-    response = await relay(request.app.state.http, lease, "POST", target_of(scope), scope["headers"], raw,
-                           request.receive)
+    response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, (scope, receive))
     if conversation_id and 200 <= response.status_code < 300:
         # Remembered only once the child accepted the request: later GET/DELETE /v1/stream calls
         # for this conversation go to the same child.
-        request.app.state.conversations.remember(conversation_id, model)
+        state.conversations.remember(conversation_id, model)
     return response
+
+
+async def proxy_post(request: Request) -> Response:
+    return await proxy_body(request.scope, request.receive, await request.body())
 
 
 _BODY_SCHEMAS = {"/v1/chat/completions": schemas.CHAT, "/v1/completions": schemas.COMPLETION}
@@ -74,6 +84,6 @@ async def proxy_get(request: Request) -> Response:
     name = request.query_params.get("model")
     if not name:
         raise InvalidRequest("model name is missing from the request")
-    lease = await lease_for(request, name)
+    lease = await lease_for(request.scope, request.receive, name)
     return await relay(request.app.state.http, lease, "GET", target_of(request.scope), request.scope["headers"],
-                       b"", request.receive)
+                       b"", (request.scope, request.receive))

@@ -43,7 +43,7 @@ async def _replay(request: Request, conv_id: str) -> Response:
         raise Unavailable("Stream owner model is loading, retry later", headers={"Retry-After": "1"})
     lease = await registry_of(request).acquire(record.name, autoload=False)
     return await relay(request.app.state.http, lease, "GET", target_of(request.scope), request.scope["headers"],
-                       b"", request.receive)
+                       b"", (request.scope, request.receive))
 
 
 async def _cancel(request: Request, conv_id: str) -> Response:
