@@ -15,7 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive
 
 from child.engine.chat_template import ChatTemplateError
 from child.engine.llama_model import BUILD_INFO, LlamaModel
@@ -150,7 +149,7 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
             raise RequestError(str(exc)) from exc
         # The template writes BOS itself when the model wants one.
         return await _generate(runtime, body, prompt, add_special=False, chat=True,
-                               conversation_id=conversation_id_of(request), receive=request.receive)
+                               conversation_id=conversation_id_of(request), client=request)
 
     @app.post("/v1/completions")
     @app.post("/completions")
@@ -158,7 +157,7 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
         require_ready()
         body = parse_body(await request.body(), CompletionBody)
         return await _generate(runtime, body, body.prompt_value(), add_special=True, chat=False,
-                               conversation_id=conversation_id_of(request), receive=request.receive)
+                               conversation_id=conversation_id_of(request), client=request)
 
     async def on_model(work: Callable[[LlamaModel], Any]) -> Any:
         require_ready()
@@ -201,7 +200,7 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
 
 
 async def _generate(runtime: ChildRuntime, body: GenerationBody, prompt: str | list[int],
-                    add_special: bool, chat: bool, conversation_id: str | None, receive: Receive) -> Response:
+                    add_special: bool, chat: bool, conversation_id: str | None, client: Request) -> Response:
     generation = Generation(runtime, body, prompt, add_special)
     if body.stream and conversation_id is not None:
         # Resumable: it runs whether or not this client stays, from the queue on.
@@ -210,7 +209,7 @@ async def _generate(runtime: ChildRuntime, body: GenerationBody, prompt: str | l
     # A client that leaves while its request waits for a slot frees its place; a non-streamed
     # answer is only written at the end, so a client that left would otherwise keep its slot
     # generating for nobody until max_tokens.
-    async with cancelled_if_client_leaves(receive):
+    async with cancelled_if_client_leaves(client.scope, client.receive):
         await generation.start()
         if body.stream:
             return _stream(runtime, body, generation, chat, None)
