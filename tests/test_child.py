@@ -164,6 +164,8 @@ def test_child_streams_openai_chunks_and_usage(plain_child: str) -> None:
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', "max_tokens"),
     ("/v1/completions", b'{"prompt": "x", "logit_bias": {"abc": 1}}', "logit_bias"),
     ("/v1/completions", b'{}', "prompt"),
+    ("/v1/streams/lookup", b"{broken", "not valid JSON"),
+    ("/v1/streams/lookup", b'{"conversation_ids": "x"}', "conversation_ids"),
 ])
 def test_child_bad_requests_get_400_in_openai_shape(plain_child: str, path: str, body: bytes,
                                                     fragment: str) -> None:
