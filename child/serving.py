@@ -29,9 +29,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from child.openai_http import error_bytes
 
-# A request served through BoundedHeadersProtocol carries a list under this key in its ASGI scope:
-# callables the protocol calls when the client's connection is lost before the response is done.
-DISCONNECT_CALLBACKS = "modelyard.on_disconnect"
+# A request served through BoundedHeadersProtocol carries its ClientState under this key in its
+# ASGI scope: whether the client's connection was lost before the response was done, and what to
+# call when it is.
+CLIENT_STATE = "modelyard.client"
 
 # The whole header section of one request (request line and every header). Browsers send a few
 # KiB; llama-server's HTTP library allows 8 KiB per line.
@@ -135,57 +136,81 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-class BoundedHeadersProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing a header section over `max_header_bytes` with 431,
-    and writing each response in one piece (see _CoalescingTransport).
+class ClientState:
+    """One request's view of its client's connection, kept up to date by the protocol."""
 
-    Bytes are counted as they arrive, before httptools buffers them. While a request's header
-    section is open, data is fed in pieces of at most the room left, so the first request of a
-    connection is never taken for a long header just because its body came in the same read.
+    __slots__ = ("gone", "callbacks")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.callbacks: list[Callable[[], None]] = []
+
+    def lost(self) -> None:
+        self.gone = True
+        for callback in list(self.callbacks):
+            callback()
+
+
+class BoundedHeadersProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with three additions:
+
+    - Whatever a request sends that is not its body (request line, headers, chunk framing,
+      trailers) is capped at `max_header_bytes`: over it, 431 and the connection closes. Bytes are
+      counted as they arrive, before httptools buffers them, and fed in pieces of at most the room
+      left; body bytes do not count, so a large body in the same read as its headers is fine.
+    - Each request gets a ClientState in its scope, told when the connection is lost before its
+      response is done: every unfinished request of the connection, pipelined ones included
+      (uvicorn itself only marks the latest).
+    - A response's header block goes out with its body in one write (_CoalescingTransport).
     """
 
     max_header_bytes = MAX_HEADER_BYTES
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_header_section = True
-        self._header_bytes = 0
+        self._fed_bytes = 0  # of the current request, fed to the parser
+        self._body_bytes = 0  # of those, body
+        self._unfinished: list[tuple[Any, ClientState]] = []  # (uvicorn's cycle, its client state)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        while data and self._in_header_section:
-            room = self.max_header_bytes - self._header_bytes
+        while data:
+            room = self.max_header_bytes - (self._fed_bytes - self._body_bytes)
             if room <= 0:
                 self.transport.write(header_too_large_response(self.max_header_bytes))
                 self.transport.close()
                 return
             piece, data = data[:room], data[room:]
-            self._header_bytes += len(piece)
+            self._fed_bytes += len(piece)
             super().data_received(piece)
             if self.transport.is_closing():
                 return
-        if data:
-            super().data_received(data)
 
     def on_headers_complete(self) -> None:
-        self._in_header_section = False
-        self._header_bytes = 0
-        self.scope[DISCONNECT_CALLBACKS] = []  # type: ignore[literal-required]
+        state = ClientState()
+        self.scope[CLIENT_STATE] = state  # type: ignore[literal-required]
         super().on_headers_complete()
+        self._unfinished = [(c, s) for c, s in self._unfinished if not c.response_complete]
+        self._unfinished.append((self.cycle, state))
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            callbacks: list[Callable[[], None]] = cycle.scope.get(DISCONNECT_CALLBACKS) or []  # type: ignore[assignment]
-            for callback in list(callbacks):
-                callback()
-        super().connection_lost(exc)
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._in_header_section = True  # the next request on this connection starts its own count
+        self._fed_bytes = self._body_bytes = 0  # the next request on this connection counts anew
         super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        unfinished, self._unfinished = self._unfinished, []
+        for cycle, state in unfinished:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+                state.lost()
+        super().connection_lost(exc)
 
 
 class ClientDisconnected(Exception):
@@ -221,7 +246,7 @@ class cancelled_if_client_leaves:  # noqa: N801 - used like a function: `async w
     so the request's body must have been read already.
     """
 
-    __slots__ = ("_scope", "_receive", "_task", "_watcher", "_callbacks", "_gone", "_inside")
+    __slots__ = ("_scope", "_receive", "_task", "_watcher", "_client", "_gone", "_inside")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self._scope = scope
@@ -234,9 +259,11 @@ class cancelled_if_client_leaves:  # noqa: N801 - used like a function: `async w
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._callbacks: list[Callable[[], None]] | None = self._scope.get(DISCONNECT_CALLBACKS)
-        if self._callbacks is not None:
-            self._callbacks.append(self._on_disconnect)
+        self._client: ClientState | None = self._scope.get(CLIENT_STATE)
+        if self._client is not None:
+            if self._client.gone:
+                raise ClientDisconnected()  # it left before this block began
+            self._client.callbacks.append(self._on_disconnect)
         else:
             self._watcher = task.get_loop().create_task(self._watch())
 
@@ -253,8 +280,8 @@ class cancelled_if_client_leaves:  # noqa: N801 - used like a function: `async w
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         traceback: TracebackType | None) -> None:
         self._inside = False
-        if self._callbacks is not None:
-            self._callbacks.remove(self._on_disconnect)
+        if self._client is not None:
+            self._client.callbacks.remove(self._on_disconnect)
         if self._watcher is not None:
             self._watcher.cancel()
         if exc_type is asyncio.CancelledError and self._gone:

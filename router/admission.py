@@ -64,12 +64,12 @@ class Admission:
         finally:
             self.queued -= 1
 
-    def estimate_bytes(self, record: ModelRecord, model_path: str | None = None) -> int | None:
+    @staticmethod
+    def estimate_bytes(spec: ModelSpec, model_path: str) -> int | None:
         """Reads the model's GGUF header the first time: blocking, run it off the event loop."""
-        path = model_path or record.resolved_model_path or record.spec.model_value
-        if not path or path.startswith(PACKAGE_PREFIX):
+        if not model_path or model_path.startswith(PACKAGE_PREFIX):
             return None
-        return estimate_model_bytes(path, context_of(record.spec))
+        return estimate_model_bytes(model_path, context_of(spec))
 
     async def room_bytes(self, running: list[ModelRecord], reserve: int) -> int:
         budget = int(self.settings.models_memory_mb * MIB)
@@ -88,16 +88,17 @@ class Admission:
             return record.estimated_bytes or 0  # the budget counts estimates, so must this
         return record.rss_bytes or record.estimated_bytes or 0
 
-    async def make_room(self, target: ModelRecord, model_path: str | None) -> None:
+    async def make_room(self, target: ModelRecord, need: int | None) -> None:
+        """Evict (or wait) until `target`, estimated at `need` bytes (None: unknown), fits."""
         try:
-            await self._make_room(target, model_path)
+            await self._make_room(target, need)
         finally:
             self._stop_draining()  # whatever happened, no model stays closed to new requests
 
-    async def _make_room(self, target: ModelRecord, model_path: str | None) -> None:
+    async def _make_room(self, target: ModelRecord, need: int | None) -> None:
         limit = self.settings.models_max
         reserve = int(self.settings.memory_reserve_mb * MIB)
-        need = target.estimated_bytes = await asyncio.to_thread(self.estimate_bytes, target, model_path)
+        target.estimated_bytes = need
         records = self.registry.records.values()
         announced_wait = False
         while True:

@@ -77,7 +77,18 @@ class Downloads:
         self.registry = registry
         self.token = token
         self._active: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
-        self._repos: dict[str, str] = {}  # model name -> repository, of the downloads running
+        self._plans: dict[str, DownloadPlan] = {}  # of the downloads running, by model name
+
+    async def clean_up_after(self, record: ModelRecord, plan: DownloadPlan, new_files: list[str],
+                             etags: list[str]) -> None:
+        """Remove what a cancelled or failed download added: the files it found missing when it
+        started, but for what another download of the repository planned too or a model already
+        uses (a shared projector, say): "not in the cache when it started" is not "its own"."""
+        others = [p for n, p in self._plans.items() if n != record.name and p.repo_id == plan.repo_id]
+        planned_elsewhere = {f for other in others for f in other.files}
+        await asyncio.to_thread(remove_unfinished_download, plan.repo_id,
+                                [f for f in new_files if f not in planned_elsewhere], etags,
+                                prune=not others, keep_paths=_in_use(self.registry, record))
 
     def _etag_of(self, repo_id: str, file_name: str) -> str:
         """The name of the blob a file is stored under (for cleaning up after it)."""
@@ -103,7 +114,7 @@ class Downloads:
         cancelled = threading.Event()
         task = asyncio.create_task(self._run(record, plan, cancelled), name=f"download-{name}")
         self._active[name] = (task, cancelled)
-        self._repos[name] = plan.repo_id
+        self._plans[name] = plan
         return name
 
     async def cancel(self, name: str) -> None:
@@ -157,15 +168,19 @@ class Downloads:
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, DownloadCancelled) or cancelled.is_set() else str(exc)
             log.warning("download of %s failed: %s", record.name, reason)
-            others = any(n != record.name and repo == plan.repo_id for n, repo in self._repos.items())
-            await asyncio.to_thread(remove_unfinished_download, plan.repo_id, new_files, etags, not others)
+            await self.clean_up_after(record, plan, new_files, etags)
             self.registry.drop_download(record)
             self.registry.events.publish(record.name, "download_failed", {"error": reason})
             if not isinstance(exc, Exception):
                 raise
         finally:
             self._active.pop(record.name, None)
-            self._repos.pop(record.name, None)
+            self._plans.pop(record.name, None)
+
+
+def _in_use(registry: Registry, but: ModelRecord) -> set[str]:
+    return {str(value) for other in registry.records.values() if other is not but
+            for key, value in other.spec.options.items() if key in ("model", "mmproj")}
 
 
 def hub_error(context: str, exc: BaseException) -> RouterError:

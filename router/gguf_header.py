@@ -3,7 +3,9 @@
 Admission needs a handful of numbers (architecture, layers, heads, context) from a model's header.
 gguf's GGUFReader decodes every field, the vocabulary too: seconds for a 262k-token vocabulary,
 and megabytes of Python objects. Here the file is mapped and walked: scalar fields are decoded,
-numeric arrays only outside `tokenizer.*`, and string arrays are stepped over by their lengths.
+numeric arrays only outside `tokenizer.*` and when short (a value per layer, not a table: a file
+from the internet must not make the router build a huge list), and string arrays are stepped over
+by their lengths. Any malformed or cut-short header is a GGUFHeaderError.
 
 Blocking file I/O: callers run it off the event loop.
 """
@@ -21,6 +23,7 @@ MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+MAX_KEPT_ARRAY = 4096  # elements; per-layer values stay far below
 
 
 class GGUFHeaderError(ValueError):
@@ -73,19 +76,18 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             raise GGUFHeaderError("not a GGUF file (bad magic)")
         cursor = _Cursor(data)
         cursor.offset = 4
-        version = cursor.u32()
-        if version < 2:
-            raise GGUFHeaderError(f"GGUF version {version} is not supported")
-        cursor.u64()  # tensor count
-        n_fields = cursor.u64()
         fields: dict[str, Any] = {}
         try:
-            for _ in range(n_fields):
+            version = cursor.u32()
+            if version < 2:
+                raise GGUFHeaderError(f"GGUF version {version} is not supported")
+            cursor.u64()  # tensor count
+            for _ in range(cursor.u64()):
                 key = cursor.string()
                 kind = cursor.u32()
                 fields[key] = _read_value(cursor, kind, keep=not key.startswith("tokenizer."))
-        except struct.error as exc:
-            raise GGUFHeaderError("the header is cut short") from exc
+        except (struct.error, OverflowError, MemoryError) as exc:
+            raise GGUFHeaderError("the header is cut short or malformed") from exc
         return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -106,6 +108,7 @@ def _read_value(cursor: _Cursor, kind: int, keep: bool) -> Any:
     size = struct.calcsize(fmt) * count
     if cursor.offset + size > len(cursor.data):
         raise GGUFHeaderError("an array runs past the end of the file")
+    keep = keep and count <= MAX_KEPT_ARRAY
     values = list(struct.unpack_from(f"<{count}{fmt[1]}", cursor.data, cursor.offset)) if keep else None
     cursor.offset += size
     return values

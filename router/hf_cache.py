@@ -88,11 +88,13 @@ def _blob_of(pointer: Path) -> Path | None:
     return (pointer.parent / os.readlink(pointer)).resolve()
 
 
-def _remove_pointers(repo_path: Path, doomed: set[str]) -> None:
-    """Delete these snapshot entries, and each blob no remaining entry points at."""
+def _remove_pointers(repo_path: Path, doomed: set[str], keep_paths: frozenset[str] = frozenset()) -> None:
+    """Delete these snapshot entries, and each blob no remaining entry points at; never an entry
+    whose path is in `keep_paths` (files a model in use points at)."""
     files = _snapshot_files(repo_path)
-    kept_blobs = {_blob_of(path) for name, path in files.items() if name not in doomed}
-    for name in doomed:
+    kept = {name for name, path in files.items() if name not in doomed or os.path.abspath(path) in keep_paths}
+    kept_blobs = {_blob_of(files[name]) for name in kept}
+    for name in doomed - kept:
         path = files.get(name)
         if path is None:
             continue
@@ -132,7 +134,7 @@ def remove_cached_model(model: CachedModel, cache_dir: str | None = None) -> Non
 
 
 def remove_unfinished_download(repo_id: str, new_files: list[str], etags: list[str], prune: bool,
-                               cache_dir: str | None = None) -> None:
+                               keep_paths: set[str] | None = None, cache_dir: str | None = None) -> None:
     """After a cancelled or failed download: remove what this download added and nothing else.
 
     `new_files` are the files of this download that were not in the cache before it started (the
@@ -140,12 +142,13 @@ def remove_unfinished_download(repo_id: str, new_files: list[str], etags: list[s
     blobs it was fetching, whose partial files an older huggingface_hub keeps as
     `blobs/<etag>.incomplete` (removed only while no other download holds that blob's lock).
     `prune`: remove the repository's folder if nothing is left in it (not while another download
-    of the same repository runs: it may be about to write there).
+    of the same repository runs: it may be about to write there). `keep_paths`: files models in
+    use point at, which stay whatever else this download thinks.
     """
     repo_path = repo_folder(repo_id, cache_dir)
     if not repo_path.is_dir():
         return
-    _remove_pointers(repo_path, set(new_files))
+    _remove_pointers(repo_path, set(new_files), frozenset(os.path.abspath(p) for p in keep_paths or ()))
     locks = repo_path.parent / ".locks" / repo_path.name
     for etag in etags:
         partial = repo_path / "blobs" / f"{etag}.incomplete"

@@ -60,7 +60,7 @@ def read_shape(path: str) -> ModelShape | None:
 def _read_shape_cached(path: str, _size: int, _mtime_ns: int) -> ModelShape | None:
     try:
         fields = read_metadata(path)
-    except (OSError, ValueError) as exc:  # any unreadable file just has no estimate
+    except (OSError, ValueError) as exc:  # any unreadable file just has no estimate (GGUFHeaderError included)
         log.warning("cannot read the GGUF header of %s: %s", path, exc)
         return None
     arch = str(fields.get("general.architecture", "llama"))

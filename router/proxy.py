@@ -29,11 +29,12 @@ from router.upstream_client import UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
 
-# Not forwarded to the child: hop-by-hop headers, what the client sets itself, and credentials (children
-# never see the router's API key).
+# Not forwarded to the child: hop-by-hop headers (and any the client's Connection header names),
+# what the client sets itself, `expect` (the router already answered it; forwarded, the child's
+# `100 Continue` would come back), and credentials (children never see the router's API key).
 _DROP_REQUEST_HEADERS = {b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding",
-                         b"te", b"upgrade", b"authorization", b"x-api-key", b"accept-encoding",
-                         b"proxy-authorization"}
+                         b"te", b"trailer", b"upgrade", b"proxy-connection", b"expect", b"authorization",
+                         b"x-api-key", b"accept-encoding", b"proxy-authorization"}
 _DROP_RESPONSE_HEADERS = {b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"date",
                           b"server"}
 
@@ -76,6 +77,9 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
         lease.release()
         raise UpstreamFailed(f"model '{name}' is not running")
     forward = [(k, v) for k, v in headers if k not in _DROP_REQUEST_HEADERS]
+    if any(k == b"connection" for k, _ in headers):
+        named = {token.strip().lower() for k, v in headers if k == b"connection" for token in v.split(b",")}
+        forward = [(k, v) for k, v in forward if k not in named]
     try:
         upstream = await client.request(method, CHILD_HOST, record.port, target, forward, body)
     except UpstreamError as exc:

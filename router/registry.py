@@ -13,6 +13,7 @@ Ownership rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -63,7 +64,8 @@ class Registry:
         self.admission = Admission(self)
         self.evictions_total = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._evicting: set[ModelRecord] = set()  # being stopped to make room or for idleness
+        self._evicting: set[ModelRecord] = set()  # being stopped to make room, for idleness or a reload
+        self._retiring: set[ModelRecord] = set()  # gone from the sources, their children still ending
         self.reaper = OrphanReaper()
         self.logs = ModelLogs()
         self.metrics = RouterMetrics()
@@ -164,7 +166,7 @@ class Registry:
         record.last_used_wall = time.time()
         lease = Lease(self, record)
         try:
-            await self._ensure_ready(record)
+            await self._ensure_ready(record, autoload)
         except BaseException:
             lease.release()
             raise
@@ -179,8 +181,10 @@ class Registry:
         if record.in_flight == 0:
             self.notify_room()
 
-    async def _ensure_ready(self, record: ModelRecord) -> None:
+    async def _ensure_ready(self, record: ModelRecord, autoload: bool = True) -> None:
         while not record.status.can_serve:
+            if not autoload and not record.status.is_running:
+                raise InvalidRequest("model is not loaded")  # stopped while this request waited
             if record.status == ModelStatus.DOWNLOADING:
                 raise Unavailable(f"model '{record.name}' is still downloading", headers={"Retry-After": "5"})
             if record.status == ModelStatus.LOADING:
@@ -224,33 +228,49 @@ class Registry:
             return
         admitting = record.admitting = asyncio.get_running_loop().create_future()
         try:
-            async with self.admission.turn():  # a client that leaves while waiting here costs nothing
-                if not self._may_start(record):
-                    return
-                model_path = await self._resolve_model_path(record)
-                await self.admission.make_room(record, model_path)
-                async with record.lock:
-                    # Re-checked under the lock: a reload or a DELETE may have dropped the record
-                    # while it waited for room, and its child would then run outside /models.
-                    if self._may_start(record):
-                        # Once decided, the spawn runs to its end even if this caller leaves.
-                        await asyncio.shield(self._spawn(record, model_path))
+            while not await self._admit_and_spawn(record):
+                pass  # a reload changed the model while it waited: admitted anew, for what it is now
             if self.records.get(record.name) is not record:
                 raise InvalidRequest(f"model '{record.name}' not found (removed while it waited to load)")
         finally:
             record.admitting = None
             admitting.set_result(None)
 
+    async def _admit_and_spawn(self, record: ModelRecord) -> bool:
+        """One attempt; False when the record's spec changed meanwhile and it must be made again."""
+        spec = record.spec
+        model_path = await self._resolve_model_path(spec)
+        # The header read for the estimate happens before the turn: a slow or stuck file only
+        # delays its own load, never the queue behind it.
+        need = await asyncio.to_thread(self.admission.estimate_bytes, spec, model_path)
+        async with self.admission.turn():  # a client that leaves while waiting here costs nothing
+            if not self._may_start(record):
+                return True
+            if record.spec is not spec:
+                return False
+            await self.admission.make_room(record, need)
+            async with record.lock:
+                # Re-checked under the lock: a reload or a DELETE may have dropped or changed the
+                # record while it waited for room (its child would run outside /models, or with
+                # the old model file under the new settings).
+                if not self._may_start(record):
+                    return True
+                if record.spec is not spec:
+                    return False
+                # Once decided, the spawn runs to its end even if this caller leaves.
+                await asyncio.shield(self._spawn(record, model_path))
+        return True
+
     def _may_start(self, record: ModelRecord) -> bool:
         return record.status == ModelStatus.UNLOADED and self.records.get(record.name) is record
 
-    async def _resolve_model_path(self, record: ModelRecord) -> str:
-        model_value = record.spec.model_value
+    async def _resolve_model_path(self, spec: ModelSpec) -> str:
+        model_value = spec.model_value
         try:
             return (await asyncio.to_thread(resolve_package_model, model_value)
                     if is_package_model(model_value) else model_value)
         except ConfigError as exc:
-            raise ServerError(f"model '{record.name}': {exc}") from exc
+            raise ServerError(f"model '{spec.name}': {exc}") from exc
 
     async def _spawn(self, record: ModelRecord, model_path: str) -> None:
         record.resolved_model_path = model_path
@@ -366,16 +386,15 @@ class Registry:
             if spec is None:
                 if record.status == ModelStatus.DOWNLOADING:
                     continue  # a download in progress is not in any source yet
-                async with record.lock:
-                    await self._stop(record)
-                del self.records[name]
+                del self.records[name]  # new requests find no such model from now on
                 log.info("model %s removed from the sources", name)
                 self.events.publish(name, "model_remove", {})
+                if record.child is not None:
+                    self._background(self._retire(record))
             elif spec != record.spec:
                 was_running = record.status.is_running
                 if was_running:
-                    async with record.lock:
-                        await self._stop(record)
+                    await self._drain_and_stop(record)
                 record.spec = spec
                 log.info("model %s changed in the sources%s", name, ": restarting" if was_running else "")
                 if was_running:
@@ -388,14 +407,40 @@ class Registry:
         for record in restart:
             await self._start(record)
 
+    async def _drain_and_stop(self, record: ModelRecord) -> None:
+        """Close the model to new requests, give those in flight up to --reload-grace-seconds to
+        end (a reload should not cut a chat off mid-sentence), then stop it."""
+        loop = asyncio.get_running_loop()
+        self._evicting.add(record)
+        try:
+            deadline = loop.time() + self.settings.reload_grace_s
+            while record.in_flight and (remaining := deadline - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.room_changed(), remaining)
+            async with record.lock:
+                await self._stop(record)
+        finally:
+            self._evicting.discard(record)
+            self.notify_room()
+
+    async def _retire(self, record: ModelRecord) -> None:
+        """A model gone from the sources: its child ends once its requests have."""
+        self._retiring.add(record)
+        try:
+            await self._drain_and_stop(record)
+        finally:
+            self._retiring.discard(record)
+
+    def _with_children(self) -> list[ModelRecord]:
+        return [r for r in (*self.records.values(), *self._retiring) if r.child is not None]
+
     async def shutdown(self) -> None:
         """Stop every child, in parallel, each within its stop timeout."""
-        running = [r for r in self.records.values() if r.child is not None]
-        await asyncio.gather(*(self._stop(r) for r in running), return_exceptions=True)
+        await asyncio.gather(*(self._stop(r) for r in self._with_children()), return_exceptions=True)
 
     def kill_all_now(self) -> None:
         """At router exit, whatever ended it: no child, nor anything a child started, lives on."""
-        for record in self.records.values():
+        for record in self._with_children():
             if record.child is not None:
                 record.child.kill_now_sync()
         self.reaper.close()

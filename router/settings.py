@@ -36,6 +36,7 @@ class RouterSettings(BaseModel):
     max_body_bytes: int = 16 * 1024 * 1024
     cors_origins: list[str] = Field(default_factory=list)  # empty: no CORS headers at all
     stop_timeout_s: float = 10.0  # exit command -> SIGKILL of the child's process group
+    reload_grace_s: float = 60.0  # requests in flight when a reload stops their model get this long
     child_connect_timeout_s: float = 10.0
     sse_ping_interval_s: float = 15.0
     sse_queue_size: int = 1024
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="larger request bodies get 413")
     router.add_argument("--cors-origins", default=_env("MODELYARD_CORS_ORIGINS", ""),
                         help="comma-separated origins allowed by CORS ('*' for any); default: CORS off")
+    router.add_argument("--reload-grace-seconds", type=float,
+                        default=float(_env("MODELYARD_RELOAD_GRACE_SECONDS", "60") or 60),
+                        help="when ?reload=1 stops or restarts a model, how long its requests in flight may run on")
     router.add_argument("--log-level", default=_env("MODELYARD_LOG_LEVEL", "info"))
 
     child = parser.add_argument_group("model defaults (passed to every child)")
@@ -150,6 +154,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
         models_memory_mb=args.models_memory_mb,
         hf_token=args.hf_token,
         max_body_bytes=args.max_body_bytes,
+        reload_grace_s=args.reload_grace_seconds,
         cors_origins=[o.strip() for o in str(args.cors_origins).split(",") if o.strip()],
         global_child_args=child_args,
     )

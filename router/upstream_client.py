@@ -11,8 +11,10 @@ connections open per port, and hands the body over as it arrives, with flow cont
   idle connection is dropped after IDLE_S, before the servers' own keep-alive timeout (5 s for
   uvicorn and llama-server) can close it under a request.
 - A request sent on a reused connection that the server had closed meanwhile (the connection
-  ends before any byte of an answer) is sent again once on a new connection: the server never saw
-  it.
+  ends before any byte of an answer) is sent again, once, on a new connection: the server never
+  saw it. Nothing else is ever sent twice (a timeout is not retried).
+- Interim answers (`100 Continue`, ...) are skipped: only the final answer is the answer. Bytes
+  that arrive on a parked connection, which no request is waiting for, close it.
 - Timeouts: connecting (`connect_timeout_s`), and the wait for each next piece of the answer
   (`read_timeout_s`, the router's --timeout): one timer per request, pushed on by every byte that
   arrives, rather than a timeout object around every wait.
@@ -44,6 +46,8 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.lost_before_answer = False  # closed by the server before a byte of the current answer
+        self.parked = False  # in the pool: no request is waiting for anything on it
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._timer: asyncio.TimerHandle | None = None
@@ -51,8 +55,10 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self._disarm()
+        self.parked = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self._interim = False  # reading a 1xx answer, which is not the answer
         self.keep_alive = False
         self.headers_done = self.loop.create_future()
         self.complete = False
@@ -75,6 +81,8 @@ class _Connection(asyncio.Protocol):
         self._timer = self.loop.call_later(timeout_s, self._check_silence)
 
     def _check_silence(self) -> None:
+        if self._paused:  # the router stopped reading (its client is slow): not the server's silence
+            self._last_activity = self.loop.time()
         silent_s = self.loop.time() - self._last_activity
         if silent_s < self._timeout_s:
             self._timer = self.loop.call_later(self._timeout_s - silent_s, self._check_silence)
@@ -94,6 +102,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
+        if self.parked:  # nobody asked: an answer to nothing would be read as the next one's
+            self._close()
+            return
         self.received_any = True
         self._last_activity = self.loop.time()
         try:
@@ -109,16 +120,24 @@ class _Connection(asyncio.Protocol):
             self.on_message_complete()  # a body that ends with the connection has ended
             return
         if not self.complete:
+            self.lost_before_answer = not self.received_any
             self._fail(UpstreamError(f"connection closed {'in the middle of' if self.received_any else 'before'} "
                                      f"the answer{f': {exc}' if exc else ''}"))
 
     # -- httptools callbacks --------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        self.headers = []
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # 100 Continue and the like: the answer is still to come
+            return
+        self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         names = {name for name, _ in self.headers}
         self._framed = b"content-length" in names or b"transfer-encoding" in names or self.status in (204, 304)
@@ -134,6 +153,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.complete = True
         self._disarm()
         self._wake()
@@ -151,6 +173,11 @@ class _Connection(asyncio.Protocol):
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+
+    @property
+    def reusable(self) -> bool:
+        """The answer was read to its end, nothing of it is left, and the server keeps the connection."""
+        return self.complete and self.keep_alive and not self.closed and not self._chunks and not self._paused
 
     def _close(self) -> None:
         self.closed = True
@@ -207,7 +234,7 @@ class UpstreamResponse:
         self._released = True
         connection = self._connection
         connection._disarm()
-        if connection.complete and connection.keep_alive and not connection.closed:
+        if connection.reusable:
             self._client._park(self._key, connection)
         else:
             connection._close()
@@ -231,10 +258,11 @@ class UpstreamClient:
             head.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
         message = b"".join(head) + b"\r\n" + body
         timeout_s = self.read_timeout_s if read_timeout_s is None else read_timeout_s
+        connection = self._idle_connection(key)
+        reused = connection is not None
         while True:
-            connection, reused = self._idle_connection(key), True
             if connection is None:
-                connection, reused = await self._connect(host, port), False
+                connection = await self._connect(host, port)
             connection._reset()
             assert connection.transport is not None
             connection.transport.write(message)
@@ -242,8 +270,11 @@ class UpstreamClient:
             try:
                 await connection.headers_done
             except UpstreamError:
-                if reused and not connection.received_any:
-                    continue  # the server had closed this idle connection: it never saw the request
+                if reused and connection.lost_before_answer:
+                    # The server had closed this idle connection: it never saw the request. Once,
+                    # on a new connection.
+                    connection, reused = None, False
+                    continue
                 raise
             except BaseException:
                 connection._close()  # cancelled: the server sees the request go away
@@ -269,11 +300,15 @@ class UpstreamClient:
             if not connection.closed and now - connection.idle_since < IDLE_S:
                 return connection
             connection._close()
+        self._idle.pop(key, None)  # a child that is gone leaves no entry behind
         return None
 
     def _park(self, key: tuple[str, int], connection: _Connection) -> None:
         connection.idle_since = time.monotonic()
-        self._idle.setdefault(key, []).append(connection)
+        connection.parked = True
+        pool = self._idle.setdefault(key, [])
+        pool[:] = [c for c in pool if not c.closed]
+        pool.append(connection)
 
     async def fetch(self, method: str, host: str, port: int, target: str,
                     timeout_s: float) -> tuple[int, bytes]:

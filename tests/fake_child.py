@@ -102,7 +102,8 @@ def main() -> None:
                 self._json(200, {"object": "chat.completion", "model": alias, "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": "fake " * tokens},
                      "finish_reason": "length"}],
-                    "received_authorization": self.headers.get("Authorization")})
+                    "received_authorization": self.headers.get("Authorization"),
+                    "received_expect": self.headers.get("Expect"), "tag": body.get("tag")})
                 return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")

@@ -213,3 +213,48 @@ def test_downloads_a_failing_hub_is_a_502_not_a_bad_request(start_router, hub: F
     assert error["type"] == "server_error" and "unable to download" in error["message"]
     hub.fail_status = None
     assert router.client.post("/models", json={"model": "bob/missing-GGUF"}).status_code == 400
+
+
+@pytest.mark.anyio
+async def test_downloads_cleanup_leaves_a_projector_another_model_uses(hub: FakeHub, tmp_path: Path,
+                                                                      tiny_model: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two quants of a repository download at once and both find the shared projector missing;
+    one finishes, the other is cancelled. The cancelled one's cleanup must not take the projector
+    (nor its blob) from the finished model: the state the review built, cleaned up for real."""
+    import dataclasses
+
+    from huggingface_hub import constants
+
+    from router.downloads import Downloads, plan_download
+    from router.events import EventHub
+    from router.model_sources import SOURCE_CACHE, ModelSpec
+    from router.registry import Registry
+    from router.settings import RouterSettings
+    from router.upstream_client import UpstreamClient
+
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    projector = tmp_path / "mmproj.gguf"
+    projector.write_bytes(b"projector " * 1000)
+    files = {"vis-Q4_K_M.gguf": tiny_model, "vis-Q8_0.gguf": tiny_model, "mmproj-vis-f16.gguf": projector}
+    hub.add_repo("alice/vis-GGUF", files)
+    paths = {name: hf_hub_download("alice/vis-GGUF", name, cache_dir=cache, endpoint=hub.url) for name in files}
+    finished = ModelSpec(name="alice/vis-GGUF:Q4_K_M", source=SOURCE_CACHE,
+                         options={"model": paths["vis-Q4_K_M.gguf"], "mmproj": paths["mmproj-vis-f16.gguf"]})
+    cancelled = ModelSpec(name="alice/vis-GGUF:Q8_0", source=SOURCE_CACHE, options={"model": ""})
+    registry = Registry(RouterSettings(), [finished, cancelled], EventHub(), UpstreamClient(5.0, 30.0))
+    try:
+        plan = plan_download("alice/vis-GGUF:Q8_0", list(files))
+        assert plan.files == ("vis-Q8_0.gguf", "mmproj-vis-f16.gguf")
+        await Downloads(registry, None).clean_up_after(registry.records[cancelled.name], plan,
+                                                      list(plan.files), [])
+        assert _cached_files(cache, "alice/vis-GGUF") == {"vis-Q4_K_M.gguf", "mmproj-vis-f16.gguf"}
+        assert Path(paths["mmproj-vis-f16.gguf"]).read_bytes() == projector.read_bytes()
+        # With no model using it, the projector goes with the download that brought it.
+        registry.records[finished.name].spec = dataclasses.replace(finished, options={"model": "x"})
+        await Downloads(registry, None).clean_up_after(registry.records[cancelled.name], plan,
+                                                      list(plan.files), [])
+        assert _cached_files(cache, "alice/vis-GGUF") == {"vis-Q4_K_M.gguf"}
+    finally:
+        registry.kill_all_now()

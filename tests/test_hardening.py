@@ -345,3 +345,161 @@ def test_hardening_gguf_header_reader_skips_the_vocabulary(tiny_model: Path) -> 
         elif not name.startswith("GGUF."):
             assert fields[name] == field.contents(), name
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+
+
+# -- found by the outside review of this change -----------------------------------------------------
+
+def _raw_request(url: str) -> tuple[socket.socket, str]:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30), host
+
+
+def _read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 100"):  # the router's own interim answer
+        data = body
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = int(next(line.split(b":")[1] for line in lines if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
+def test_hardening_expect_100_continue_never_hands_an_answer_to_another_client(start_router) -> None:
+    import json
+
+    router = start_router(_fake("f", "--answer-delay", "1"))
+    router.client.post("/models/load", json={"model": "f"})
+    router.wait_status("f", "loaded")
+    sock, _ = _raw_request(router.url)
+    body = json.dumps({"model": "f", "messages": [], "tag": "alice"}).encode()
+    with sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.3)
+        bob = router.client.post("/v1/chat/completions", json={"model": "f", "messages": [], "tag": "bob"})
+        head, alice = _read_answer(sock)
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(alice)["tag"] == "alice"
+    assert json.loads(alice)["received_expect"] is None  # the router answered it; the child never saw it
+    assert bob.json()["tag"] == "bob"
+
+
+def test_hardening_chunk_trailers_count_toward_the_header_cap(start_router) -> None:
+    router = start_router(_fake("f"), "--api-key", "k3y")
+    sock, _ = _raw_request(router.url)
+    batch = b"".join(b"X-Trailer: " + b"t" * 86 + b"\r\n" for _ in range(1000))  # 100 KB of trailer fields
+    sent = 0
+    with sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\n{}\r\n0\r\n")
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            while sent < 50_000_000:  # the router used to take all of it, and keep it
+                sock.sendall(batch)
+                sent += len(batch)
+    # The router closed the connection long before: what it buffers per request stays bounded.
+    assert sent < 20_000_000, f"the router accepted {sent} bytes of trailers"
+    assert router.client.get("/health").status_code == 200
+
+
+def test_hardening_a_pipelined_request_does_not_hide_a_disconnect(start_router) -> None:
+    router = start_router(_fake("slow", "--answer-delay", "60"))
+    router.client.post("/models/load", json={"model": "slow"})
+    router.wait_status("slow", "loaded")
+    sock, _ = _raw_request(router.url)
+    body = b'{"model": "slow", "messages": []}'
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with sock:
+        sock.sendall(post + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the second one waits its turn
+        _wait(lambda: router.model_entry("slow")["in_flight"] == 1, 10, "the request never reached the router")
+    # The client is gone: the request it left running is cancelled, the queued one never runs.
+    _wait(lambda: router.model_entry("slow")["in_flight"] == 0, 10, "the pipelined request hid the disconnect")
+
+
+def test_hardening_a_stuck_header_read_delays_only_its_own_load(start_router, tmp_path: Path) -> None:
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    router = start_router(f"[piped]\nmodel = {fifo}\nbin = {fake_bin()}\n" + _fake("other"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(httpx.post, router.url + "/models/load", json={"model": "piped"}, timeout=60)
+        time.sleep(0.5)
+        assert router.client.post("/models/load", json={"model": "other"}).status_code == 200
+        router.wait_status("other", "loaded", timeout_s=15)  # not behind the FIFO
+        assert router.status("piped") == "unloaded"
+        with open(fifo, "wb"):
+            pass
+        assert stuck.result(60).status_code == 200
+
+
+def test_hardening_a_truncated_gguf_has_no_estimate_and_breaks_nothing(start_router, tmp_path: Path) -> None:
+    from router.memory import PROCESS_ALLOWANCE_BYTES, estimate_model_bytes
+
+    cut = tmp_path / "cut.gguf"
+    for header in (b"GGUF\x03\x00", b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + (10).to_bytes(8, "little")
+                   + (2**62).to_bytes(8, "little")):
+        cut.write_bytes(header)
+        assert estimate_model_bytes(str(cut), 2048) == len(header) + PROCESS_ALLOWANCE_BYTES
+    router = start_router(f"[cut]\nmodel = {cut}\nbin = {fake_bin()}\n")
+    assert router.client.post("/models/load", json={"model": "cut"}).status_code == 200
+    router.wait_status("cut", "loaded")
+
+
+def test_hardening_a_model_changed_while_its_load_waits_loads_as_changed(start_router, tmp_path: Path) -> None:
+    busy = _fake("busy", "--tokens", "150", "--token-delay", "0.02")
+    router = start_router(busy + "[b]\nmodel = /unused/b-OLD.gguf\nbin = " + fake_bin() + "\n", "--models-max", "1")
+    preset = Path(router.proc.args[router.proc.args.index("--models-preset") + 1])
+    body = {"model": "busy", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, router.url + "/v1/chat/completions", json={"model": "b", **CHAT},
+                                  timeout=60)
+            _wait(lambda: "load of b waits for room" in router.log_text(), 30, "b never waited for room")
+            preset.write_text(busy + "[b]\nmodel = /unused/b-NEW.gguf\nbin = " + fake_bin() + "\n")
+            router.client.get("/models", params={"reload": "1"})
+            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+            assert waiting.result(60).status_code == 200
+    args = router.model_entry("b")["status"]["args"]
+    assert "/unused/b-NEW.gguf" in args and "/unused/b-OLD.gguf" not in args
+
+
+def test_hardening_a_reload_lets_requests_in_flight_finish(start_router) -> None:
+    router = start_router(_fake("going", "--tokens", "60", "--token-delay", "0.02"))
+    preset = Path(router.proc.args[router.proc.args.index("--models-preset") + 1])
+    body = {"model": "going", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        preset.write_text(_fake("other"))
+        assert [m["id"] for m in router.client.get("/models", params={"reload": "1"}).json()["data"]] == ["other"]
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and len(rest) == 60  # the 59 other tokens and [DONE]: all of it
+    _wait(lambda: "[going] child pid" in router.log_text() and "exited with code 0" in router.log_text(), 15,
+          "the removed model kept running")
+
+
+def test_hardening_gguf_header_reader_keeps_no_huge_array(tmp_path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from router.gguf_header import MAX_KEPT_ARRAY, read_metadata
+
+    path = tmp_path / "arrays.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_array("llama.per_layer", [1, 2])
+    writer.add_array("llama.table", list(range(MAX_KEPT_ARRAY + 1)))  # a file from anywhere may hold this
+    writer.add_tensor("t", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fields = read_metadata(path)
+    assert fields["llama.per_layer"] == [1, 2] and fields["llama.block_count"] == 2
+    assert "llama.table" not in fields

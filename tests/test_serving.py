@@ -106,7 +106,7 @@ async def test_serving_a_block_is_cancelled_when_the_connection_is_lost() -> Non
 
     async def slow_app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         await serving.read_body(receive)
-        assert isinstance(scope.get(serving.DISCONNECT_CALLBACKS), list)
+        assert isinstance(scope.get(serving.CLIENT_STATE), serving.ClientState)
         try:
             async with serving.cancelled_if_client_leaves(scope, receive):
                 entered.set()
@@ -152,3 +152,17 @@ async def test_serving_without_the_protocol_a_watcher_reads_the_disconnect() -> 
     gone.set()
     with pytest.raises(serving.ClientDisconnected):
         await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.anyio
+async def test_serving_a_client_already_gone_is_noticed_at_once() -> None:
+    client = serving.ClientState()
+    client.lost()
+
+    async def never() -> dict[str, str]:
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(serving.ClientDisconnected):
+        async with serving.cancelled_if_client_leaves({"type": "http", serving.CLIENT_STATE: client}, never):
+            await asyncio.sleep(60)

@@ -6,11 +6,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import Request
-from starlette.types import Scope
+from starlette.types import Receive, Scope
 
 from child.openai_http import NotAJsonObject, json_object
+from child.serving import cancelled_if_client_leaves
 from router.errors import InvalidRequest
-from router.registry import Registry
+from router.registry import Lease, Registry
 
 
 def registry_of(request: Request) -> Registry:
@@ -49,3 +50,17 @@ def autoload_of(scope: Scope) -> bool:
     if value is None:
         return bool(scope["app"].state.settings.models_autoload)
     return value.lower() in ("1", "true")
+
+
+async def lease_for(scope: Scope, receive: Receive, name: str | None, autoload: bool | None = None) -> Lease:
+    """The model's lease (`autoload` None: as the request's ?autoload= or the router's flag says);
+    a request that has to wait, for a load say, is cancelled if its client leaves (a client that
+    gives up while waiting for room costs nothing)."""
+    registry: Registry = scope["app"].state.registry
+    if autoload is None:
+        autoload = autoload_of(scope)
+    lease = registry.acquire_now(name, autoload)
+    if lease is not None:  # the model serves and is open: no wait, nothing to watch
+        return lease
+    async with cancelled_if_client_leaves(scope, receive):
+        return await registry.acquire(name, autoload)

@@ -7,12 +7,10 @@ from starlette.types import Receive, Scope
 
 from child.openai_http import NotAJsonObject, json_object
 from child.protocol import CONVERSATION_HEADER, conversation_id_problem
-from child.serving import cancelled_if_client_leaves
 from router.errors import InvalidRequest
 from router.proxy import relay, target_of
-from router.registry import Lease, Registry
 from router.routes import schemas
-from router.routes.common import autoload_of, model_field
+from router.routes.common import lease_for, model_field
 
 router = APIRouter()
 CONVERSATION_HEADER_BYTES = CONVERSATION_HEADER.encode()
@@ -22,18 +20,6 @@ PROXIED_POSTS = (
     "/v1/embeddings", "/embeddings", "/v1/responses", "/infill", "/tokenize", "/detokenize",
     "/apply-template", "/v1/rerank", "/rerank",
 )
-
-
-async def lease_for(scope: Scope, receive: Receive, name: str | None) -> Lease:
-    """The model's lease; a request that has to wait for a load is cancelled if its client leaves
-    (a client that gives up while waiting for room costs nothing)."""
-    registry: Registry = scope["app"].state.registry
-    autoload = autoload_of(scope)
-    lease = registry.acquire_now(name, autoload)
-    if lease is not None:  # the model serves and is open: no wait, nothing to watch
-        return lease
-    async with cancelled_if_client_leaves(scope, receive):
-        return await registry.acquire(name, autoload)
 
 
 def conversation_of(scope: Scope) -> str | None:

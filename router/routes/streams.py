@@ -13,7 +13,7 @@ from router.model_record import ModelRecord
 from router.model_status import ModelStatus
 from router.proxy import relay, target_of
 from router.routes import schemas
-from router.routes.common import json_body, registry_of
+from router.routes.common import json_body, lease_for, registry_of
 
 router = APIRouter()
 
@@ -41,7 +41,7 @@ async def _replay(request: Request, conv_id: str) -> Response:
         raise NotFound(f"no stream for conversation '{conv_id}'")
     if record.status == ModelStatus.LOADING:
         raise Unavailable("Stream owner model is loading, retry later", headers={"Retry-After": "1"})
-    lease = await registry_of(request).acquire(record.name, autoload=False)
+    lease = await lease_for(request.scope, request.receive, record.name, autoload=False)
     return await relay(request.app.state.http, lease, "GET", target_of(request.scope), request.scope["headers"],
                        b"", (request.scope, request.receive))
 
@@ -49,7 +49,7 @@ async def _replay(request: Request, conv_id: str) -> Response:
 async def _cancel(request: Request, conv_id: str) -> Response:
     record = _owner(request, conv_id)
     if record is not None and record.status.can_serve:
-        lease = await registry_of(request).acquire(record.name, autoload=False)
+        lease = await lease_for(request.scope, request.receive, record.name, autoload=False)
         await relay(request.app.state.http, lease, "DELETE", target_of(request.scope), request.scope["headers"],
                     b"")
     return Response(status_code=204)
@@ -88,9 +88,8 @@ async def lookup(request: Request) -> list[dict[str, Any]]:
         if record is not None and record.status.can_serve:
             by_model.setdefault(record.name, []).append(conv_id)
     merged: list[dict[str, Any]] = []
-    registry = registry_of(request)
     for name, model_ids in by_model.items():
-        lease = await registry.acquire(name, autoload=False)
+        lease = await lease_for(request.scope, request.receive, name, autoload=False)
         body = json.dumps({"conversation_ids": model_ids}).encode()
         response = await relay(request.app.state.http, lease, "POST", "/v1/streams/lookup",
                                [(b"content-type", b"application/json")], body)
