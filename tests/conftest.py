@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import queue
@@ -92,6 +94,10 @@ class RouterProcess:
 
     def log_text(self) -> str:
         return "\n".join(self.lines)
+
+    @property
+    def preset_path(self) -> Path:
+        return Path(self.proc.args[self.proc.args.index("--models-preset") + 1])
 
     def descendants(self) -> list[psutil.Process]:
         """Every process the router started, its orphan reaper included."""
@@ -296,3 +302,24 @@ def wait_dead(procs: list[psutil.Process], timeout_s: float) -> tuple[list[psuti
         if not alive or waited >= timeout_s:
             return alive, waited
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def waiting_for_room(router: RouterProcess, busy: str,
+                     waiting: str) -> Iterator[concurrent.futures.Future[httpx.Response]]:
+    """`busy` streams in the only place (--models-max 1) while a chat request for `waiting` waits
+    for room; yields that request's future, and leaves once busy's stream has ended."""
+    body = {"model": busy, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    chat = {"model": waiting, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True}
+    with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(httpx.post, router.url + "/v1/chat/completions", json=chat, timeout=60)
+            deadline = time.monotonic() + 30
+            while f"load of {waiting} waits for room" not in router.log_text():
+                assert time.monotonic() < deadline, f"{waiting} never waited for room"
+                time.sleep(0.02)
+            yield future
+            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import fake_bin, tiny_preset, wait_dead
+from conftest import fake_bin, tiny_preset, wait_dead, waiting_for_room
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,
         "ignore_eos": True}
@@ -148,19 +148,10 @@ def test_hardening_conversation_map_is_bounded_in_bytes() -> None:
 def test_hardening_a_model_removed_while_its_load_waits_is_never_spawned(start_router, tiny_model: Path) -> None:
     busy = _fake("busy", "--tokens", "150", "--token-delay", "0.02")
     router = start_router(busy + tiny_preset(tiny_model, ["b"]).split("\n\n", 1)[1], "--models-max", "1")
-    preset = Path(router.proc.args[router.proc.args.index("--models-preset") + 1])
-    body = {"model": "busy", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
-        lines = stream.iter_lines()
-        next(line for line in lines if line.startswith("data: "))
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(httpx.post, router.url + "/v1/chat/completions", json={"model": "b", **CHAT},
-                                  timeout=60)
-            _wait(lambda: "load of b waits for room" in router.log_text(), 30, "b never waited for room")
-            preset.write_text(busy)  # b is gone from the sources
-            assert [m["id"] for m in router.client.get("/models", params={"reload": "1"}).json()["data"]] == ["busy"]
-            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
-            answer = waiting.result(60)
+    with waiting_for_room(router, "busy", "b") as waiting:
+        router.preset_path.write_text(busy)  # b is gone from the sources
+        assert [m["id"] for m in router.client.get("/models", params={"reload": "1"}).json()["data"]] == ["busy"]
+    answer = waiting.result(60)
     assert answer.status_code == 400 and "removed while it waited" in answer.json()["error"]["message"]
     time.sleep(0.5)  # a child started by mistake would be up by now
     assert not any("--alias" in p.cmdline() and "b" in p.cmdline() for p in router.children())
@@ -452,26 +443,17 @@ def test_hardening_a_truncated_gguf_has_no_estimate_and_breaks_nothing(start_rou
 def test_hardening_a_model_changed_while_its_load_waits_loads_as_changed(start_router, tmp_path: Path) -> None:
     busy = _fake("busy", "--tokens", "150", "--token-delay", "0.02")
     router = start_router(busy + "[b]\nmodel = /unused/b-OLD.gguf\nbin = " + fake_bin() + "\n", "--models-max", "1")
-    preset = Path(router.proc.args[router.proc.args.index("--models-preset") + 1])
-    body = {"model": "busy", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
-        lines = stream.iter_lines()
-        next(line for line in lines if line.startswith("data: "))
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(httpx.post, router.url + "/v1/chat/completions", json={"model": "b", **CHAT},
-                                  timeout=60)
-            _wait(lambda: "load of b waits for room" in router.log_text(), 30, "b never waited for room")
-            preset.write_text(busy + "[b]\nmodel = /unused/b-NEW.gguf\nbin = " + fake_bin() + "\n")
-            router.client.get("/models", params={"reload": "1"})
-            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
-            assert waiting.result(60).status_code == 200
+    with waiting_for_room(router, "busy", "b") as waiting:
+        router.preset_path.write_text(busy + "[b]\nmodel = /unused/b-NEW.gguf\nbin = " + fake_bin() + "\n")
+        router.client.get("/models", params={"reload": "1"})
+    assert waiting.result(60).status_code == 200
     args = router.model_entry("b")["status"]["args"]
     assert "/unused/b-NEW.gguf" in args and "/unused/b-OLD.gguf" not in args
 
 
 def test_hardening_a_reload_lets_requests_in_flight_finish(start_router) -> None:
     router = start_router(_fake("going", "--tokens", "60", "--token-delay", "0.02"))
-    preset = Path(router.proc.args[router.proc.args.index("--models-preset") + 1])
+    preset = router.preset_path
     body = {"model": "going", "stream": True, "messages": [{"role": "user", "content": "x"}]}
     with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
         lines = stream.iter_lines()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import EventFeed, fake_bin, tiny_preset
+from conftest import EventFeed, fake_bin, tiny_preset, waiting_for_room
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,
         "ignore_eos": True}
@@ -59,20 +59,12 @@ def test_management_waiters_for_one_model_share_one_load(start_router, tiny_mode
 def test_management_models_queue_refuses_with_503_and_retry_after(start_router, tiny_model: Path) -> None:
     router = start_router(tiny_preset(tiny_model, ["b", "c"]) + _slow_fake("busy", tokens=150), "--models-max", "1",
                           "--models-queue", "1")
-    body = {"model": "busy", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
-        lines = stream.iter_lines()
-        next(line for line in lines if line.startswith("data: "))
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            queued = pool.submit(httpx.post, router.url + "/v1/chat/completions", json={"model": "b", **CHAT},
-                                 timeout=60)
-            _wait_log(router, "load of b waits for room")
-            refused = httpx.post(router.url + "/v1/chat/completions", json={"model": "c", **CHAT}, timeout=60)
-            assert refused.status_code == 503
-            assert refused.headers["retry-after"] == "1"
-            assert "--models-queue" in refused.json()["error"]["message"]
-            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
-            assert queued.result(60).status_code == 200
+    with waiting_for_room(router, "busy", "b") as queued:
+        refused = httpx.post(router.url + "/v1/chat/completions", json={"model": "c", **CHAT}, timeout=60)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "--models-queue" in refused.json()["error"]["message"]
+    assert queued.result(60).status_code == 200
 
 
 def test_management_client_leaving_the_queue_costs_nothing(start_router, tiny_model: Path) -> None:
