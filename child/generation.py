@@ -15,6 +15,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator
 
+from child.engine.constraints import Grammar
 from child.engine.requests import Accepted, Delta, Done, EngineEvent, Failed, GenerationRequest
 from child.engine.scheduler import EngineStopped, QueueFull
 from child.openai_schema import GenerationBody, RequestError
@@ -57,7 +58,7 @@ class Generation:
     """One request's trip through the engine, seen from the event loop."""
 
     def __init__(self, runtime: ChildRuntime, body: GenerationBody, prompt: str | list[int],
-                 add_special: bool) -> None:
+                 add_special: bool, grammar: Grammar | None = None, logprobs: int | None = None) -> None:
         self.runtime = runtime
         self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._pump = EventPump.for_running_loop()
@@ -71,6 +72,9 @@ class Generation:
             ignore_eos=body.ignore_eos,
             cache_prompt=body.cache_prompt,
             add_special=add_special,
+            grammar=grammar,
+            logprobs=logprobs,
+            n=body.n,
         )
 
     def _sink_from_any_thread(self, event: EngineEvent) -> None:
@@ -96,25 +100,26 @@ class Generation:
         return first
 
     async def events_until_done(self) -> AsyncIterator[Delta | Done | Failed]:
-        """Events until the end; several deltas that arrived together are merged into one."""
+        """Events until every choice is done (or one failed). Deltas of one choice that arrived
+        together are merged into one."""
+        remaining = self.request.n
+        held: EngineEvent | None = None  # taken from the queue while merging, not yet given out
         try:
-            while True:
-                event = await self.events.get()
+            while remaining:
+                event, held = (held, None) if held is not None else (await self.events.get(), None)
                 assert not isinstance(event, Accepted)
-                if isinstance(event, Delta) and not self.events.empty():
-                    texts = [event.text]
+                if isinstance(event, Delta):
                     while not self.events.empty():
                         following = self.events.get_nowait()
-                        assert not isinstance(following, Accepted)
-                        if not isinstance(following, Delta):
-                            yield Delta("".join(texts))
-                            yield following
-                            return
-                        texts.append(following.text)
-                    event = Delta("".join(texts))
+                        if not isinstance(following, Delta) or following.choice != event.choice:
+                            held = following
+                            break
+                        event = Delta(event.text + following.text, event.choice, event.logprobs + following.logprobs)
                 yield event
-                if isinstance(event, Done | Failed):
+                if isinstance(event, Failed):
                     return
+                if isinstance(event, Done):
+                    remaining -= 1
         finally:
-            # Normal end, client gone or server stopping: the slot is freed within one step.
+            # Normal end, client gone or server stopping: the slots are freed within one step.
             self.request.cancel()

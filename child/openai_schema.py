@@ -1,7 +1,10 @@
 """OpenAI request bodies for the child, validated, and turned into engine requests.
 
 Every malformed body becomes a RequestError, which the server renders as a 400 in the OpenAI error
-shape; nothing a client sends can raise anything else.
+shape; nothing a client sends can raise anything else. A field the engine cannot honour is a 400
+that names it: a 200 that silently ignored it would be an answer the client cannot use. Fields
+that change nothing here are accepted (NO_OP_FIELDS), and llama-server's sampler fields are
+accepted at the value that turns them off (NEUTRAL_FIELDS); the README lists both.
 """
 
 from __future__ import annotations
@@ -10,8 +13,24 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from child.engine.next_token import MAX_TOP_LOGPROBS
 from child.engine.sampling import SamplingParams
 from child.openai_http import NotAJsonObject, json_object
+
+# Accepted and without effect on this engine: bookkeeping for the client or OpenAI's platform,
+# and hints whose absence changes no output.
+NO_OP_FIELDS = frozenset({
+    "user", "metadata", "store", "service_tier", "prediction", "reasoning_effort", "timings_per_token",
+    "id_slot", "n_keep", "n_discard", "min_keep", "mirostat_tau", "mirostat_eta", "dry_base",
+    "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "xtc_threshold",
+    "dynatemp_exponent", "penalize_nl", "return_progress",
+})
+# llama-server's sampler settings this engine does not have, accepted at the value that turns them off.
+NEUTRAL_FIELDS: dict[str, Any] = {
+    "typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
+    "top_n_sigma": -1.0, "dynatemp_range": 0.0, "post_sampling_probs": False, "return_tokens": False,
+    "echo": False, "best_of": 1, "lora": [], "modalities": ["text"], "t_max_predict_ms": 0,
+}
 
 
 class RequestError(ValueError):
@@ -30,6 +49,19 @@ class GenerationBody(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions (plus llama-server's extras)."""
 
     model_config = ConfigDict(extra="allow")
+
+    @classmethod
+    def check_fields(cls, data: dict[str, Any]) -> None:
+        """A 400 for a field this engine would have to ignore."""
+        for name, value in data.items():
+            if name in cls.model_fields or name in NO_OP_FIELDS:
+                continue
+            if name in NEUTRAL_FIELDS:
+                if value != NEUTRAL_FIELDS[name] and value is not None:
+                    raise RequestError(f"'{name}' is not supported by this engine (only {NEUTRAL_FIELDS[name]!r}, "
+                                       "which changes nothing, is accepted)")
+                continue
+            raise RequestError(f"'{name}' is not supported by this engine")
 
     model: str | None = None
     stream: bool = False
@@ -50,7 +82,35 @@ class GenerationBody(BaseModel):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     cache_prompt: bool = True
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=128)  # and at most the model's slots (-np): checked by the server
+    response_format: dict[str, Any] | None = None
+    json_schema: dict[str, Any] | bool | None = None  # llama-server's field
+    grammar: str | None = None  # llama-server's field: a GBNF grammar
+
+    def grammar_source(self) -> tuple[Literal["json_schema", "gbnf"], Any] | None:
+        """What the output must follow, from response_format, json_schema or grammar."""
+        chosen: list[tuple[Literal["json_schema", "gbnf"], Any]] = []
+        if self.response_format is not None:
+            kind = self.response_format.get("type")
+            if kind == "json_object":
+                schema = self.response_format.get("schema")
+                chosen.append(("json_schema", schema if isinstance(schema, dict) else {"type": "object"}))
+            elif kind == "json_schema":
+                spec = self.response_format.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict | bool):
+                    raise RequestError("'response_format.json_schema.schema' must be a JSON schema")
+                chosen.append(("json_schema", schema))
+            elif kind not in ("text", None):
+                raise RequestError(f"'response_format.type' must be \"text\", \"json_object\" or "
+                                   f"\"json_schema\", not {kind!r}")
+        if self.json_schema is not None:
+            chosen.append(("json_schema", self.json_schema))
+        if self.grammar is not None:
+            chosen.append(("gbnf", self.grammar))
+        if len(chosen) > 1:
+            raise RequestError("give one of 'response_format' (json), 'json_schema' and 'grammar', not several")
+        return chosen[0] if chosen else None
 
     @field_validator("stop")
     @classmethod
@@ -105,36 +165,79 @@ class GenerationBody(BaseModel):
         )
 
 
+# What a client sends back when it appends an earlier answer to the history: informational, or
+# empty; anything else in a message is refused by name.
+MESSAGE_NO_OP_FIELDS = frozenset({"refusal", "annotations", "function_call", "audio"})
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None  # llama-server's name for an assistant's thinking
 
-    def text(self) -> str:
+    def check_fields(self, where: str) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in MESSAGE_NO_OP_FIELDS and (value in (None, [], "") or name in ("refusal", "annotations")):
+                continue
+            raise RequestError(f"'{where}.{name}' is not supported by this engine")
+
+    def text(self, where: str) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise RequestError(f"content part of type {part.get('type')!r} is not supported "
-                                   "(this model reads text only)")
+        for i, part in enumerate(self.content):
+            kind = part.get("type")
+            if kind in ("image_url", "input_image", "input_audio", "file", "audio"):
+                raise RequestError(f"'{where}.content[{i}]' is {kind!r}: this model reads text only (it has "
+                                   "no multimodal projector)")
+            if kind != "text":
+                raise RequestError(f"'{where}.content[{i}]' has type {kind!r}; expected 'text'")
             parts.append(str(part.get("text", "")))
         return "".join(parts)
+
+    def template_message(self, where: str) -> dict[str, Any]:
+        self.check_fields(where)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.text(where)}
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+            value = getattr(self, key)
+            if value is not None:
+                message[key] = value
+        return message
 
 
 class ChatCompletionBody(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # default: false, as llama-server (OpenAI: true)
+    chat_template_kwargs: dict[str, Any] | None = None  # llama-server's: extra template variables
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message(f"messages[{i}]") for i, m in enumerate(self.messages)]
+
+    def logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("'top_logprobs' requires 'logprobs' to be true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionBody(GenerationBody):
     prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy API's: N best per token
+    n_probs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # llama-server's name for it
+
+    def logprobs_count(self) -> int | None:
+        return self.n_probs if self.n_probs is not None else self.logprobs
 
     def prompt_value(self) -> str | list[int]:
         if isinstance(self.prompt, list):
@@ -166,6 +269,8 @@ def parse_body(raw: bytes, model: type[BodyT]) -> BodyT:
         data = json_object(raw)
     except NotAJsonObject as exc:
         raise RequestError(str(exc)) from exc
+    if issubclass(model, GenerationBody):
+        model.check_fields(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -86,6 +86,7 @@ class ChildRuntime:
         self.template: ChatTemplate | None = None
         self.template_source: str | None = None
         self.n_vocab: int | None = None
+        self.said_generic_tools = False  # the log says once that tools go through a generic prompt
         self.sessions = SessionStore(settings.stream_buffer_bytes, settings.stream_ttl_s)
         self._last_progress_sent = -1.0
         self._progress_lock = threading.Lock()

@@ -8,9 +8,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from child.engine.constraints import Grammar
 from child.engine.sampling import SamplingParams
 
 _ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the raw logits (before any sampling transform or
+    constraint, as llama-server reports it), and the most likely tokens at that position."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...]  # (token, piece, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -23,16 +35,21 @@ class Accepted:
 @dataclass(frozen=True)
 class Delta:
     text: str
+    choice: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens sampled since the previous delta
 
 
 @dataclass(frozen=True)
 class Done:
+    """One choice has ended (a request with n choices ends with n of these)."""
+
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
     prompt_ms: float
     predicted_ms: float
+    choice: int = 0
 
     def timings(self) -> dict[str, float | int]:
         """llama-server's `timings` object."""
@@ -74,6 +91,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     cache_prompt: bool = True
     add_special: bool = True  # add BOS as the model asks; False when a chat template already did
+    grammar: Grammar | None = None  # every choice's text must follow it
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely
+    n: int = 1  # choices, each in a slot of its own, sharing one prompt evaluation
     id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.time)
     cancelled: threading.Event = field(default_factory=threading.Event)

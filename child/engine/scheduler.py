@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
@@ -24,7 +25,8 @@ from typing import TypeVar
 import llama_cpp as llama
 
 from child.engine.llama_model import LlamaModel, add_to_batch
-from child.engine.requests import Accepted, Delta, Done, Failed, GenerationRequest
+from child.engine.next_token import LogprobBasis, logits_at, token_logprob
+from child.engine.requests import Accepted, Delta, Done, Failed, GenerationRequest, TokenLogprob
 from child.engine.sampling import Sampler
 from child.engine.slots import EngineStats, Slot, common_prefix
 from child.engine.text_output import TextAssembler
@@ -244,15 +246,21 @@ class Scheduler:
 
     def _admit(self) -> None:
         free = [s for s in self.slots if s.request is None]
-        while self._waiting and free:
+        # In arrival order: a request with n choices waits for n free slots, and those behind it
+        # wait too (it would starve otherwise).
+        while self._waiting and len(free) >= self._waiting[0][0].n:
             request, tokens = self._waiting.popleft()
             # Prefer the free slot that already holds the longest prefix of this prompt (prompt
             # cache); among equals the lowest seq id.
             best = max(free, key=lambda s: (common_prefix(s.cached, tokens) if request.cache_prompt else 0,
                                             -s.seq_id))
             free.remove(best)
+            followers = free[: request.n - 1]
+            del free[: request.n - 1]
             try:
                 self._start(best, request, tokens)
+                for choice, follower in enumerate(followers, start=1):
+                    self._start_follower(follower, best, choice)
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
                 log.exception("request %d could not start", request.id)
                 best.request = request
@@ -273,12 +281,38 @@ class Scheduler:
         slot.n_reused = reuse
         slot.generated = 0
         slot.next_token = -1
-        slot.sampler = Sampler(request.sampling, self.model.n_vocab)
+        self._prepare_choice(slot, request, tokens, choice=0)
+        self.stats.requests_total += 1
+
+    def _start_follower(self, slot: Slot, leader: Slot, choice: int) -> None:
+        """Another choice of the leader's request: no prefill of its own; it gets the leader's
+        KV cells once the prompt is in."""
+        assert self.model is not None and leader.request is not None
+        self.model.forget(slot.seq_id)
+        slot.cached = []
+        slot.request = leader.request
+        slot.prompt = leader.prompt
+        slot.prompt_pos = len(leader.prompt)
+        slot.n_reused = leader.n_reused
+        slot.awaiting_leader = True
+        leader.followers.append(slot)
+        self._prepare_choice(slot, leader.request, leader.prompt, choice)
+
+    def _prepare_choice(self, slot: Slot, request: GenerationRequest, tokens: list[int], choice: int) -> None:
+        assert self.model is not None
+        slot.choice = choice
+        slot.generated = 0
+        slot.next_token = -1
+        params = request.sampling
+        if choice and params.seed >= 0:
+            params = dataclasses.replace(params, seed=params.seed + choice)  # the same seed, other choices
+        slot.sampler = Sampler(params, self.model.n_vocab)
         slot.sampler.prime(tokens)
         slot.text = TextAssembler(request.stop)
+        slot.constraint = request.grammar.start() if request.grammar is not None else None
+        slot.logprobs = []
         slot.t_start = time.perf_counter()
         slot.t_first_token = 0.0
-        self.stats.requests_total += 1
 
     def _step(self) -> None:
         """One llama_decode over every active slot."""
@@ -298,7 +332,7 @@ class Scheduler:
         n = 0
         wants_logits: list[tuple[Slot, int]] = []
         for slot in self.slots:  # ascending seq id
-            if slot.request is None:
+            if slot.request is None or slot.awaiting_leader:
                 continue
             if not slot.prefilling:
                 feed = [slot.next_token]
@@ -329,8 +363,35 @@ class Scheduler:
             return
         self.stats.prompt_tokens_total += sum(chunk.values())
         for slot, index in wants_logits:
-            self._on_token(slot, slot.sampler.sample(self.model.ctx, index))  # type: ignore[union-attr]
+            group = [slot]
+            if slot.followers:  # the prompt is in: the other choices start from the same cells
+                for follower in slot.followers:
+                    llama.llama_memory_seq_cp(self.model.memory, slot.seq_id, follower.seq_id, -1, -1)
+                    follower.cached = list(slot.cached)
+                    follower.awaiting_leader = False
+                group += slot.followers
+                slot.followers = []
+            self._pick_tokens(group, index)
         self.stats.decode_seconds_total += time.perf_counter() - started
+
+    def _pick_tokens(self, group: list[Slot], index: int) -> None:
+        """Each slot's next token from the logits at `index` (several slots: the first tokens of a
+        request's choices, all from its prompt's logits)."""
+        assert self.model is not None
+        request = group[0].request
+        assert request is not None
+        logits = logits_at(self.model.ctx, index, self.model.n_vocab)
+        basis = LogprobBasis.of(logits, request.logprobs) if request.logprobs is not None else None
+        for slot in group:
+            assert slot.sampler is not None
+            if slot.constraint is not None:
+                slot.constraint.apply(logits)  # choices of one request mask alike at their first token
+            token = slot.sampler.sample(self.model.ctx, index)
+            if slot.constraint is not None:
+                slot.constraint.accept(token)
+            if basis is not None:
+                slot.logprobs.append(token_logprob(self.model, logits, basis, token))
+            self._on_token(slot, token)
 
     def _on_token(self, slot: Slot, token: int) -> None:
         assert self.model is not None and slot.request is not None and slot.text is not None
@@ -340,26 +401,36 @@ class Scheduler:
         slot.generated += 1
         self.stats.generated_tokens_total += 1
         if self.model.is_eog(token) and not request.ignore_eos:
+            if slot.logprobs and slot.logprobs[-1].token == token:
+                slot.logprobs.pop()  # the end of the text is no token of it
             self._finish(slot, "stop", slot.text.finish())
             return
         text = slot.text.push(self.model.token_piece(token))
-        if slot.text.stopped_by is not None:
-            self._finish(slot, "stop", text)
+        if slot.text.stopped_by is not None or (slot.constraint is not None and slot.constraint.done):
+            self._finish(slot, "stop", text + (slot.text.finish() if slot.text.stopped_by is None else ""))
+            return
+        if slot.constraint is not None and slot.constraint.failed:
+            self._finish_failed(slot, f"the constrained output failed: {slot.constraint.failed}")
             return
         out_of_room = len(slot.cached) + 1 >= self.n_ctx_slot
         if (request.max_tokens > 0 and slot.generated >= request.max_tokens) or out_of_room:
             self._finish(slot, "length", text + slot.text.finish())
             return
         if text:
-            request.sink(Delta(text))
+            request.sink(Delta(text, slot.choice, self._take_logprobs(slot)))
         slot.next_token = token
+
+    @staticmethod
+    def _take_logprobs(slot: Slot) -> tuple[TokenLogprob, ...]:
+        taken, slot.logprobs = tuple(slot.logprobs), []
+        return taken
 
     def _finish(self, slot: Slot, reason: str, last_text: str) -> None:
         request = slot.request
         assert request is not None
         now = time.perf_counter()
-        if last_text:
-            request.sink(Delta(last_text))
+        if last_text or slot.logprobs:
+            request.sink(Delta(last_text, slot.choice, self._take_logprobs(slot)))
         request.sink(Done(
             finish_reason=reason,
             prompt_tokens=len(slot.prompt),
@@ -367,12 +438,14 @@ class Scheduler:
             cached_tokens=slot.n_reused,
             prompt_ms=(slot.t_first_token - slot.t_start) * 1000.0,
             predicted_ms=(now - slot.t_first_token) * 1000.0,
+            choice=slot.choice,
         ))
         self._release(slot)
 
     def _finish_failed(self, slot: Slot, message: str) -> None:
         assert slot.request is not None
         slot.request.sink(Failed(message, 500))
+        slot.request.cancel()  # its other choices, if any, leave at the next step
         self._release(slot)
         if self.model is not None:
             self.model.forget(slot.seq_id)
@@ -385,6 +458,10 @@ class Scheduler:
         slot.request = None
         slot.text = None
         slot.prompt = []
+        slot.constraint = None
+        slot.logprobs = []
+        slot.followers = []
+        slot.awaiting_leader = False
         self._last_activity = time.monotonic()
 
     def _fail_everything(self, message: str) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from child.engine.requests import GenerationRequest
+from child.engine.constraints import Constraint
+from child.engine.requests import GenerationRequest, TokenLogprob
 from child.engine.sampling import Sampler
 from child.engine.text_output import TextAssembler
 
@@ -23,6 +24,13 @@ class Slot:
     text: TextAssembler | None = None
     t_start: float = 0.0
     t_first_token: float = 0.0
+    constraint: Constraint | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled, not yet sent with a delta
+    choice: int = 0  # which of its request's n choices this slot generates
+    # A request with n choices prefills its prompt in one slot, the leader; when the prompt is in,
+    # its KV cells are copied to the other slots (followers), which wait until then.
+    followers: list[Slot] = field(default_factory=list)
+    awaiting_leader: bool = False
 
     @property
     def prefilling(self) -> bool:

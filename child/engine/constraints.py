@@ -1,0 +1,138 @@
+"""Constrained decoding: JSON schemas, GBNF / Lark grammars and tool-call formats, enforced token by
+token, per slot, inside the continuous batch.
+
+llguidance computes which tokens may come next for the text so far: a bitmask over the vocabulary
+(about 40 us per token for SmolLM2's 49k tokens). The tokens it forbids get -inf in that slot's
+logits before its sampler sees them, so a constrained slot and a free one share one llama_decode.
+libllama's own grammar sampler was the other candidate; bench/constrained_decoding.py measured
+both (README, "Structured output").
+
+Compiling a client's schema is bounded (llguidance's parser limits: grammar size, lexer states,
+work per token), so a hostile schema costs a 400, not the engine's time or memory.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import llama_cpp as llama
+import llguidance
+import numpy as np
+from llguidance.llamacpp import lltokenizer_from_vocab
+
+GrammarKind = Literal["json_schema", "lark", "gbnf"]
+
+# llguidance's defaults, with the per-token work halved and terse errors (they go to the client).
+LIMITS = llguidance.LLParserLimits(step_lexer_fuel=100_000, step_max_items=25_000, max_grammar_size=200_000,
+                                   verbose_errors=False)
+
+
+class ConstraintError(ValueError):
+    """The schema or grammar cannot be compiled; the message says which part and why."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A validated grammar (llguidance's form): each slot that follows it starts a Constraint."""
+
+    source: str  # llguidance grammar definition
+    description: str  # for messages: "the JSON schema", "the grammar", "the tool calls", ...
+    compiler: ConstraintCompiler
+
+    def start(self) -> Constraint:
+        return self.compiler.start(self)
+
+
+# JSON between its tokens may hold some whitespace, not any amount: a small model in a loop would
+# otherwise fill max_tokens with newlines. (llama.cpp's converter bounds it the same way.)
+JSON_OPTIONS: Any = {"whitespace_pattern": r"[ \t\n\r]{0,20}"}  # llguidance's JsonCompileOptions
+
+
+def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
+    try:
+        return str(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS))
+    except (ValueError, TypeError) as exc:
+        raise ConstraintError(f"JSON schema conversion failed: {exc}") from exc
+
+
+def inline_json(schema: dict[str, Any]) -> str:
+    """A schema for llguidance's Lark `%json` (with the same options as json_schema_grammar)."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+
+
+def grammar_definition(kind: GrammarKind, text: str) -> str:
+    try:
+        return str(llguidance.grammar_from(kind, text))
+    except (ValueError, TypeError) as exc:
+        raise ConstraintError(f"{kind} grammar conversion failed: {exc}") from exc
+
+
+class ConstraintCompiler:
+    """Per model: the vocabulary llguidance needs, loaded on its own (vocab only, ~0.1 s, a few MB)
+    so that it outlives the model's sleep and can be used from any thread. Building llguidance's
+    token trie takes another ~0.35 s for SmolLM2: `for_model` does it once, on first use."""
+
+    _instances: dict[str, ConstraintCompiler] = {}
+    _instances_lock = threading.Lock()
+
+    @classmethod
+    def for_model(cls, model_path: str) -> ConstraintCompiler:
+        """The compiler of this model file, made on first use (blocking: run it off the event loop)."""
+        with cls._instances_lock:
+            compiler = cls._instances.get(model_path)
+            if compiler is None:
+                compiler = cls._instances[model_path] = cls(model_path)
+            return compiler
+
+    def __init__(self, model_path: str) -> None:
+        params = llama.llama_model_default_params()
+        params.vocab_only = True
+        self._vocab_model = llama.llama_model_load_from_file(model_path.encode(), params)
+        if not self._vocab_model:
+            raise RuntimeError(f"cannot load the vocabulary of {model_path}")
+        vocab = llama.llama_model_get_vocab(self._vocab_model)
+        self.n_vocab = int(llama.llama_vocab_n_tokens(vocab))
+        self.tokenizer = lltokenizer_from_vocab(vocab)
+        self._lock = threading.Lock()
+
+    def compile(self, definition: str, description: str) -> Grammar:
+        """Validate a grammar definition; ConstraintError names what is wrong."""
+        with self._lock:
+            error = llguidance.LLMatcher.validate_grammar(definition, self.tokenizer, limits=LIMITS)
+        if error:
+            raise ConstraintError(f"{description} cannot be used: {error.strip()}")
+        return Grammar(definition, description, self)
+
+    def start(self, grammar: Grammar) -> Constraint:
+        return Constraint(llguidance.LLMatcher(self.tokenizer, grammar.source, limits=LIMITS, log_level=0),
+                          self.n_vocab)
+
+
+class Constraint:
+    """One slot's grammar state: masks logits, follows the sampled tokens."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, n_vocab: int) -> None:
+        self.matcher = matcher
+        self.n_vocab = n_vocab
+        self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+
+    @property
+    def failed(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+    def apply(self, logits: np.ndarray) -> None:
+        """Set every token the grammar does not allow next to -inf (in place)."""
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little", count=self.n_vocab).view(np.bool_)
+        logits[: self.n_vocab][~allowed] = -np.inf
+
+    def accept(self, token: int) -> None:
+        self.matcher.consume_token(token)
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete: nothing but the end of the text may follow."""
+        return bool(self.matcher.is_stopped())
