@@ -22,10 +22,17 @@ class ArgSpec:
     default: object = None
     type: type = str
     help: str = ""
+    aliases: tuple[str, ...] = ()  # other long names llama-server accepts for it
+    choices: tuple[str, ...] | None = None
 
     @property
     def dest(self) -> str:
         return self.long.replace("-", "_")
+
+    @property
+    def names(self) -> list[str]:
+        """Its command-line spellings: --long, its aliases, -short."""
+        return [f"--{self.long}"] + [f"--{a}" for a in self.aliases] + [f"-{s}" for s in self.short]
 
     @property
     def env_name(self) -> str:
@@ -71,6 +78,10 @@ CHILD_ARGS: tuple[ArgSpec, ...] = (
             help="replay buffer of a resumable stream (X-Conversation-Id); oldest bytes dropped beyond it"),
     ArgSpec("stream-ttl-seconds", (), "LLAMA_ARG_STREAM_TTL_SECONDS", default=300.0, type=float,
             help="how long a finished resumable stream can still be replayed"),
+    ArgSpec("embeddings", (), "LLAMA_ARG_EMBEDDINGS", takes_value=False, aliases=("embedding",),
+            help="serve /v1/embeddings and /embedding (in a context of their own, beside generation)"),
+    ArgSpec("pooling", (), "LLAMA_ARG_POOLING", choices=("none", "mean", "cls", "last", "rank"),
+            help="how an input's token vectors make its embedding; default: the GGUF's, else mean"),
     ArgSpec("kv-unified", ("kvu",), "LLAMA_ARG_KV_UNIFIED", takes_value=False,
             help="one KV pool for all slots (greedy output then depends on the batch)"),
     ArgSpec("cont-batching", ("cb",), "LLAMA_ARG_CONT_BATCHING", takes_value=False, effective=False),
@@ -87,7 +98,8 @@ def find_arg(key: str) -> ArgSpec | None:
     """The flag a preset key names: long name, short name or LLAMA_ARG_* name (dashes optional)."""
     bare = key.strip().lstrip("-")
     for spec in CHILD_ARGS:
-        if bare in (spec.long, spec.long.replace("-", "_"), spec.env_name) or bare in spec.short:
+        if bare in (spec.long, spec.long.replace("-", "_"), spec.env_name) or bare in spec.short \
+                or bare in spec.aliases:
             return spec
     return None
 
@@ -97,11 +109,10 @@ def build_parser(prog: str = "modelyard-child") -> argparse.ArgumentParser:
         prog=prog, description="Serve one GGUF model over an OpenAI-compatible HTTP API."
     )
     for spec in CHILD_ARGS:
-        names = [f"--{spec.long}"] + [f"-{s}" for s in spec.short]
         help_text = spec.help + ("" if spec.effective else " (accepted for llama-server, no effect)")
         if spec.takes_value:
-            parser.add_argument(*names, dest=spec.dest, type=spec.type, default=spec.default,
-                                help=help_text)
+            parser.add_argument(*spec.names, dest=spec.dest, type=spec.type, default=spec.default,
+                                choices=spec.choices, help=help_text)
         else:
-            parser.add_argument(*names, dest=spec.dest, action="store_true", help=help_text)
+            parser.add_argument(*spec.names, dest=spec.dest, action="store_true", help=help_text)
     return parser

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from child.engine.chat_template import ChatTemplate, ChatTemplateError, resolve_template_source
+from child.engine.embeddings import EmbeddingSettings
 from child.engine.llama_model import BUILD_INFO, ContextSettings, LlamaModel, default_threads
 from child.engine.sampling import SamplingParams
 from child.engine.scheduler import Scheduler
@@ -40,6 +41,7 @@ class ServeSettings:
     max_queue: int
     stream_buffer_bytes: int
     stream_ttl_s: float
+    embeddings: EmbeddingSettings
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
@@ -71,6 +73,8 @@ class ServeSettings:
             max_queue=args.max_queue,
             stream_buffer_bytes=args.stream_buffer_bytes,
             stream_ttl_s=args.stream_ttl_seconds,
+            embeddings=EmbeddingSettings(enabled=args.embeddings, pooling=args.pooling,
+                                         batch_tokens=max(args.batch_size, 512), n_threads=threads_batch),
         )
 
 
@@ -129,6 +133,7 @@ class ChildRuntime:
             model, self._load_model,
             batch_window_s=self.settings.batch_window_s, max_queue=self.settings.max_queue,
             sleep_idle_s=self.settings.sleep_idle_s, on_sleep=self._on_sleep, on_wake=self._on_wake,
+            embedding_settings=self.settings.embeddings if self.settings.embeddings.enabled else None,
         )
         self.scheduler.start()
 

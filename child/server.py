@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from child import embedding_routes
 from child.completions import answer, plan_chat, plan_completion, render_chat
 from child.engine.llama_model import BUILD_INFO, LlamaModel
 from child.engine.scheduler import EngineStopped
@@ -166,4 +167,5 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
         return {"prompt": render_chat(runtime, body)[0]}
 
     app.include_router(build_router(runtime))
+    app.include_router(embedding_routes.build_router(runtime))
     return app

@@ -104,12 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in CHILD_ARGS:
         if spec.long in ROUTER_OWNED_CHILD_FLAGS:
             continue
-        names = [f"--{spec.long}"] + [f"-{s}" for s in spec.short]
         if spec.takes_value:
-            child.add_argument(*names, dest=f"child__{spec.dest}", default=argparse.SUPPRESS,
-                               help=spec.help)
+            child.add_argument(*spec.names, dest=f"child__{spec.dest}", default=argparse.SUPPRESS,
+                               choices=spec.choices, help=spec.help)
         else:
-            child.add_argument(*names, dest=f"child__{spec.dest}", action="store_true",
+            child.add_argument(*spec.names, dest=f"child__{spec.dest}", action="store_true",
                                default=argparse.SUPPRESS, help=spec.help)
     return parser
 

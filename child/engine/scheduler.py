@@ -23,7 +23,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import llama_cpp as llama
+import numpy as np
 
+from child.engine.embedding_queue import EmbeddingQueue, EmbedJob
+from child.engine.embeddings import EmbeddingContext, EmbeddingError, EmbeddingSettings
 from child.engine.llama_model import LlamaModel, add_to_batch
 from child.engine.next_token import LogprobBasis, logits_at, token_logprob
 from child.engine.requests import Accepted, Delta, Done, Failed, GenerationRequest, TokenLogprob
@@ -51,8 +54,12 @@ class Scheduler:
 
     def __init__(self, model: LlamaModel, reload_model: Callable[[], LlamaModel], *,
                  batch_window_s: float, max_queue: int, sleep_idle_s: float,
-                 on_sleep: Callable[[], None], on_wake: Callable[[], None]) -> None:
+                 on_sleep: Callable[[], None], on_wake: Callable[[], None],
+                 embedding_settings: EmbeddingSettings | None = None) -> None:
         self.model: LlamaModel | None = model
+        self.embedding_settings = embedding_settings
+        self._embedder: EmbeddingContext | None = None  # made on the first embeddings, dropped on sleep
+        self._embeddings = EmbeddingQueue()
         self._reload_model = reload_model
         self.n_parallel = model.settings.n_parallel
         self.n_ctx_slot = model.n_ctx_slot
@@ -122,6 +129,7 @@ class Scheduler:
                     calls = list(self._calls)
                     self._calls.clear()
                 self._run_calls(calls)
+                self._run_embeddings()
                 self._accept(arrivals)
                 self._cancel_abandoned()
                 self._admit()
@@ -139,7 +147,55 @@ class Scheduler:
             llama.llama_batch_free(self._batch)
 
     def _has_work_locked(self) -> bool:
-        return bool(self._incoming or self._calls or self._waiting or any(s.request for s in self.slots))
+        return bool(self._incoming or self._calls or self._embeddings or self._waiting
+                    or any(s.request for s in self.slots))
+
+    def embed(self, inputs: list[list[int]]) -> concurrent.futures.Future[list[np.ndarray]]:
+        """Embeddings of token lists (each checked by the caller), computed between decode steps
+        together with other requests' (safe from any thread)."""
+        job = EmbedJob(inputs, concurrent.futures.Future())
+        with self._cv:
+            if self._stopping or not self._thread.is_alive():
+                raise EngineStopped("the server is shutting down")
+            self._embeddings.add(job)
+            self._cv.notify()
+        return job.future
+
+    def _run_embeddings(self) -> None:
+        with self._cv:
+            if not self._embeddings:
+                return
+        self._last_activity = time.monotonic()
+        model = self._wake_model()
+        assert self.embedding_settings is not None
+        if self._embedder is None:
+            try:
+                self._embedder = EmbeddingContext(model, self.embedding_settings)
+            except EmbeddingError as exc:
+                with self._cv:
+                    jobs = self._embeddings.take_all()
+                for job in jobs:
+                    if job.future.set_running_or_notify_cancel():
+                        job.future.set_exception(exc)
+                return
+        # One decode per turn of the loop, so generation steps go on between them; the queue is
+        # touched under the lock (submitters append to it), the decode runs outside it.
+        with self._cv:
+            batch = self._embeddings.next_batch(self._embedder.batch_tokens)
+        if not batch:
+            return
+        try:
+            vectors = self._embedder.embed([inputs for _, inputs in batch])
+        except EmbeddingError as exc:
+            with self._cv:
+                self._embeddings.fail(batch, exc)
+            return
+        with self._cv:
+            self._embeddings.record(batch, vectors)
+
+    @property
+    def embedding_pooling(self) -> str | None:
+        return self._embedder.pooling if self._embedder is not None else None
 
     def call(self, work: Callable[[LlamaModel], T]) -> concurrent.futures.Future[T]:
         """Run `work(model)` on the scheduler thread between two steps (waking a sleeping model).
@@ -189,6 +245,9 @@ class Scheduler:
     def _sleep_model(self) -> None:
         assert self.model is not None
         log.info("idle for %.1f s: releasing the model", self.sleep_idle_s)
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         self.model.close()
         self.model = None
         for slot in self.slots:
@@ -472,9 +531,10 @@ class Scheduler:
         with self._cv:
             pending = [r for r, _ in self._waiting] + list(self._incoming)
             calls, self._calls = self._calls, []
+            embed_jobs = self._embeddings.take_all()
             self._waiting.clear()
             self._incoming.clear()
-        for _, future in calls:
+        for future in [f for _, f in calls] + [job.future for job in embed_jobs]:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineStopped(message))
         for request in pending:

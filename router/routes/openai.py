@@ -17,7 +17,7 @@ CONVERSATION_HEADER_BYTES = CONVERSATION_HEADER.encode()
 
 PROXIED_POSTS = (
     "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
-    "/v1/embeddings", "/embeddings", "/v1/responses", "/infill", "/tokenize", "/detokenize",
+    "/v1/embeddings", "/embeddings", "/embedding", "/v1/responses", "/infill", "/tokenize", "/detokenize",
     "/apply-template", "/v1/rerank", "/rerank",
 )
 
