@@ -26,7 +26,6 @@ from child.engine.scheduler import EngineStopped
 from child.openai_schema import RequestError, parse_body
 from child.runtime import ChildRuntime
 
-
 MAX_INPUTS = 2048  # per request, as OpenAI's API
 
 
