@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PRESET ?= presets/default.ini
 
-.PHONY: install browser run test test-reliability lint bench bench-router clean
+.PHONY: install browser run test test-reliability lint bench bench-router bench-api clean
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
@@ -69,6 +69,13 @@ bench-router: $(STAMP)
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/router_overhead.py $(BENCH_ARGS)
 	$(PY) bench/router_responsiveness.py
+
+# What a JSON schema costs (bench/constrained_decoding.py: 8 constrained against 8 free requests,
+# and llguidance against libllama's grammar sampler per token) and embeddings against llama.cpp's
+# llama-server when LLAMA_SERVER_BIN points at it (bench/embeddings.py). About 10 minutes.
+bench-api: $(STAMP)
+	$(PY) bench/constrained_decoding.py
+	$(PY) bench/embeddings.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
