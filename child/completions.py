@@ -96,6 +96,8 @@ async def compile_grammar(runtime: ChildRuntime, kind: str, source: Any, descrip
         return await asyncio.to_thread(work)
     except ConstraintError as exc:
         raise RequestError(str(exc)) from exc
+    except RecursionError as exc:
+        raise RequestError(f"{description} is nested too deeply") from exc
 
 
 async def _grammar_of(runtime: ChildRuntime, body: GenerationBody) -> Grammar | None:
@@ -132,6 +134,8 @@ def render_chat(runtime: ChildRuntime, body: ChatCompletionBody) -> tuple[str, T
         prompt = runtime.template.render(messages, **extra)
     except ChatTemplateError as exc:
         raise RequestError(str(exc)) from exc
+    except RecursionError as exc:
+        raise RequestError("the messages or tools are nested too deeply for the chat template") from exc
     return prompt, (tools if tools is not None and tools.offered else None), family
 
 
@@ -143,7 +147,11 @@ async def plan_chat(runtime: ChildRuntime, body: ChatCompletionBody) -> Plan:
         if grammar is not None:
             raise RequestError("'tool_choice' \"required\" or a named function cannot be combined with "
                                "'response_format', 'json_schema' or 'grammar'")
-        grammar = await compile_grammar(runtime, "lark", forced_call_grammar(tools, family), "the tool calls")
+        try:
+            definition = forced_call_grammar(tools, family)
+        except RecursionError as exc:
+            raise RequestError("a tool's 'parameters' schema is nested too deeply") from exc
+        grammar = await compile_grammar(runtime, "lark", definition, "the tool calls")
     return Plan(chat=True, prompt=prompt, add_special=False,  # the template writes BOS itself
                 grammar=grammar, tools=tools, family=family, logprobs=body.logprobs_count())
 
@@ -222,7 +230,9 @@ class CallWatcher:
 
 async def answer(runtime: ChildRuntime, body: GenerationBody, plan: Plan, conversation_id: str | None,
                  client: Request) -> Response:
-    generation = Generation(runtime, body, plan.prompt, plan.add_special, plan.grammar, plan.logprobs)
+    # A forced tool call is made whole: a stop string must not cut it (it would leave no call).
+    stop: list[str] | None = [] if plan.tools is not None and plan.tools.forced else None
+    generation = Generation(runtime, body, plan.prompt, plan.add_special, plan.grammar, plan.logprobs, stop)
     if body.stream and conversation_id is not None:
         # Resumable: it runs whether or not this client stays, from the queue on.
         await generation.start()

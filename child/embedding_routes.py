@@ -18,13 +18,14 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from child.engine.embeddings import EmbeddingError, check_input, normalize
 from child.engine.llama_model import LlamaModel
 from child.engine.scheduler import EngineStopped
 from child.openai_schema import RequestError, parse_body
 from child.runtime import ChildRuntime
+from child.serving import cancelled_if_client_leaves
 
 MAX_INPUTS = 2048  # per request, as OpenAI's API
 
@@ -33,10 +34,10 @@ class EmbeddingBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]] | None = None
-    content: str | list[str] | list[int] | list[list[int]] | None = None  # llama-server's
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None
+    content: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None  # llama-server's
     encoding_format: Literal["float", "base64"] = "float"
-    embd_normalize: int = 2
+    embd_normalize: int = Field(default=2, ge=-1, le=32)  # -1 none, 0 max, 1 taxicab, 2 euclidean, p
     dimensions: int | None = None
     user: str | None = None
 
@@ -69,12 +70,14 @@ def build_router(runtime: ChildRuntime) -> APIRouter:
         body = parse_body(await request.body(), EmbeddingBody)
         prompts = body.prompts()
 
-        def tokenize(model: LlamaModel) -> list[list[int]]:
-            return [model.tokenize(p, add_special=True, parse_special=True) if isinstance(p, str) else p
-                    for p in prompts]
+        def tokenize(model: LlamaModel) -> tuple[list[list[int]], int]:
+            return ([model.tokenize(p, add_special=True, parse_special=True) if isinstance(p, str) else p
+                     for p in prompts], model.n_embd)
 
         try:
-            inputs = await asyncio.wrap_future(scheduler.call(tokenize))
+            inputs, n_embd = await asyncio.wrap_future(scheduler.call(tokenize))
+            if body.dimensions is not None and body.dimensions != n_embd:
+                raise RequestError(f"'dimensions' must be this model's {n_embd} (it cannot shorten its embeddings)")
             for i, tokens in enumerate(inputs):
                 if not tokens:
                     raise RequestError(f"'input[{i}]' is empty")
@@ -84,14 +87,13 @@ def build_router(runtime: ChildRuntime) -> APIRouter:
                     check_input(tokens, runtime.settings.embeddings.batch_tokens)
                 except EmbeddingError as exc:
                     raise RequestError(f"'input[{i}]': {exc}") from exc
-            vectors = await asyncio.wrap_future(scheduler.embed(inputs))
+            # A client that leaves cancels the future: its remaining inputs are not computed.
+            async with cancelled_if_client_leaves(request.scope, request.receive):
+                vectors = await asyncio.wrap_future(scheduler.embed(inputs))
         except EmbeddingError as exc:
             raise RequestError(str(exc)) from exc
         except EngineStopped as exc:
             raise RequestError(str(exc), 503, "unavailable_error") from exc
-        n_embd = vectors[0].shape[-1]
-        if body.dimensions is not None and body.dimensions != n_embd:
-            raise RequestError(f"'dimensions' must be this model's {n_embd} (it cannot shorten its embeddings)")
         return body, vectors, sum(len(t) for t in inputs)
 
     @router.post("/v1/embeddings")

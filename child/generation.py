@@ -58,7 +58,8 @@ class Generation:
     """One request's trip through the engine, seen from the event loop."""
 
     def __init__(self, runtime: ChildRuntime, body: GenerationBody, prompt: str | list[int],
-                 add_special: bool, grammar: Grammar | None = None, logprobs: int | None = None) -> None:
+                 add_special: bool, grammar: Grammar | None = None, logprobs: int | None = None,
+                 stop: list[str] | None = None) -> None:
         self.runtime = runtime
         self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._pump = EventPump.for_running_loop()
@@ -67,7 +68,7 @@ class Generation:
             prompt=prompt,
             sampling=body.sampling(settings.default_sampling, runtime.n_vocab),
             max_tokens=body.requested_max_tokens(settings.default_max_tokens),
-            stop=body.stop_strings(),
+            stop=body.stop_strings() if stop is None else stop,
             sink=self._sink_from_any_thread,
             ignore_eos=body.ignore_eos,
             cache_prompt=body.cache_prompt,

@@ -40,6 +40,10 @@ class EngineCollector(Collector):
                                   value=stats.sequences_decoded_total)
         yield CounterMetricFamily("modelyard:decode_seconds", "Seconds spent decoding and sampling",
                                   value=stats.decode_seconds_total)
+        yield CounterMetricFamily("modelyard:embedding_inputs", "Embedding inputs computed",
+                                  value=stats.embedding_inputs_total)
+        yield GaugeMetricFamily("modelyard:embedding_inputs_queued", "Embedding inputs waiting to be computed",
+                                value=scheduler.embedding_inputs_queued())
         busy = scheduler.busy_slots()
         yield GaugeMetricFamily("llamacpp:requests_processing", "Requests in a slot", value=busy)
         yield GaugeMetricFamily("llamacpp:requests_deferred", "Requests waiting for a slot",

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -36,6 +37,19 @@ def json_object(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw) if raw else None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NotAJsonObject(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise NotAJsonObject("the request body is nested too deeply") from exc
     if not isinstance(data, dict):
         raise NotAJsonObject("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):
+        # JSON may escape half a UTF-16 pair (\ud800) on its own: no text a model can read. Only
+        # bodies with such an escape pay for the check.
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise NotAJsonObject("the request body has a string with a lone surrogate escape (\\ud800-\\udfff "
+                                 "without its pair): it is not valid Unicode text") from exc
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

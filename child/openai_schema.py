@@ -9,6 +9,7 @@ accepted at the value that turns them off (NEUTRAL_FIELDS); the README lists bot
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -83,6 +84,11 @@ class GenerationBody(BaseModel):
     ignore_eos: bool = False
     cache_prompt: bool = True
     n: int = Field(default=1, ge=1, le=128)  # and at most the model's slots (-np): checked by the server
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_null(cls, value: Any) -> Any:
+        return 1 if value is None else value  # OpenAI's SDKs may send null for "not set"
     response_format: dict[str, Any] | None = None
     json_schema: dict[str, Any] | bool | None = None  # llama-server's field
     grammar: str | None = None  # llama-server's field: a GBNF grammar
@@ -146,6 +152,8 @@ class GenerationBody(BaseModel):
                 raise RequestError(f"logit_bias keys must be token ids, not {key!r}") from exc
             if token < 0 or (n_vocab is not None and token >= n_vocab):
                 raise RequestError(f"logit_bias token {token} is outside the vocabulary")
+            if math.isnan(value) or value == math.inf:  # -inf bans the token, as in llama-server
+                raise RequestError(f"logit_bias of token {token} must be a number or -Infinity, not {value}")
             bias[token] = float(value)
 
         def pick(value: Any, default: Any) -> Any:
@@ -202,8 +210,19 @@ class ChatMessage(BaseModel):
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 
+    def check_tool_calls(self, where: str) -> None:
+        """An earlier answer's calls, as OpenAI sends them back: each {"id", "type": "function",
+        "function": {"name", "arguments"}} (the template and the generic prompt read them)."""
+        for i, call in enumerate(self.tool_calls or []):
+            function = call.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise RequestError(f"'{where}.tool_calls[{i}].function' must be {{\"name\": ..., \"arguments\": ...}}")
+            if not isinstance(function.get("arguments", ""), str | dict):
+                raise RequestError(f"'{where}.tool_calls[{i}].function.arguments' must be a JSON text")
+
     def template_message(self, where: str) -> dict[str, Any]:
         self.check_fields(where)
+        self.check_tool_calls(where)
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                                    "content": self.text(where)}
         for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
@@ -215,7 +234,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionBody(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -30,6 +30,7 @@ from child.engine.constraints import inline_json
 
 Family = Literal["hermes", "llama3", "mistral"]
 MAX_PARALLEL_CALLS = 8  # with parallel_tool_calls: a bound on the calls one answer may make
+MAX_TOOLS = 128  # per request, as OpenAI's API
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _ID_CHARS = string.ascii_letters + string.digits
@@ -90,7 +91,10 @@ def parse_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolU
         return None
     if not isinstance(tools, list):
         raise ToolError("'tools' must be a list")
+    if len(tools) > MAX_TOOLS:
+        raise ToolError(f"'tools' has {len(tools)} functions; at most {MAX_TOOLS}")
     parsed: list[Tool] = []
+    names: set[str] = set()
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
@@ -101,8 +105,9 @@ def parse_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolU
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise ToolError(f"'tools[{i}].function.parameters' must be a JSON schema object")
-        if any(t.name == name for t in parsed):
+        if name in names:
             raise ToolError(f"'tools' names the function {name!r} twice")
+        names.add(name)
         parsed.append(Tool(name, str(function.get("description") or ""), parameters))
     choice: str
     if tool_choice is None:
@@ -261,7 +266,13 @@ def _parsers(family: Family):  # type: ignore[no-untyped-def]
 def _parse_hermes(text: str) -> tuple[str, list[Any]] | None:
     if "<tool_call>" not in text:
         return None
-    objects = [_loads(block) for block in _HERMES.findall(text)]
+    blocks = list(_HERMES.finditer(text))
+    if len(blocks) > 1 and not blocks[-1].group(0).rstrip().endswith("</tool_call>") \
+            and _loads(blocks[-1].group(1)) is None:
+        # The answer was cut inside its last call (max_tokens): the complete ones still count.
+        text = text[: blocks[-1].start()]
+        blocks.pop()
+    objects = [_loads(block.group(1)) for block in blocks]
     content = _HERMES.sub("", text).strip()
     return content, objects
 

@@ -8,6 +8,7 @@ import base64
 import enum
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +49,9 @@ def client(router: RouterProcess) -> OpenAI:
 
 
 def chat(router: RouterProcess, **body: Any) -> httpx.Response:
-    return router.client.post("/v1/chat/completions", json={"model": "smollm2", **body}, timeout=300)
+    # json.dumps, not httpx's json=: it writes NaN and -Infinity, which some tests send on purpose.
+    return router.client.post("/v1/chat/completions", content=json.dumps({"model": "smollm2", **body}),
+                              headers={"content-type": "application/json"}, timeout=300)
 
 
 # -- structured output ----------------------------------------------------------------------------
@@ -362,10 +365,11 @@ USER = [{"role": "user", "content": "hi"}]
     ({"messages": USER, "tools": [{"type": "retrieval"}]},
      "'tools[0]' must be {\"type\": \"function\", \"function\": {...}}"),
     ({"messages": USER, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"messages": USER, "logit_bias": {"5": float("nan")}}, "logit_bias of token 5 must be a number or -Infinity"),
 ], ids=["image", "audio", "response-format-type", "n-over-slots", "unknown-tool", "tool-choice-without-tools",
         "top-logprobs-without-logprobs", "unknown-field", "neutral-field-mirostat", "neutral-field-typical-p",
         "message-audio", "schema-it-cannot-compile", "two-constraints", "bad-grammar", "tool-type",
-        "too-many-top-logprobs"])
+        "too-many-top-logprobs", "nan-logit-bias"])
 def test_api_what_cannot_be_honoured_is_a_400_naming_it(router: RouterProcess, body: dict[str, Any],
                                                         message: str) -> None:
     response = chat(router, **body)
@@ -406,3 +410,150 @@ def test_api_embeddings_single_words_on_gemma(start_router) -> None:
     cat, kitten, market = (np.array(d.embedding) for d in result.data)
     assert cat.shape == (640,)  # Gemma 3 270M's n_embd
     assert float(cat @ kitten) > float(cat @ market)
+
+
+# -- what a hostile or broken client sends ------------------------------------------------------------------
+
+LONE_SURROGATE = b'"x\\ud800"'
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions",
+     b'{"model": "smollm2", "messages": [{"role": "user", "content": ' + LONE_SURROGATE + b'}]}'),
+    ("/v1/completions", b'{"model": "smollm2", "prompt": ' + LONE_SURROGATE + b'}'),
+    ("/v1/embeddings", b'{"model": "smollm2", "input": ' + LONE_SURROGATE + b'}'),
+])
+def test_api_lone_surrogate_is_a_400_and_the_child_lives(router: RouterProcess, path: str, body: bytes) -> None:
+    pid = router.child_of("smollm2").pid
+    response = router.client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "lone surrogate" in response.json()["error"]["message"]
+    assert chat(router, messages=USER, max_tokens=2).status_code == 200
+    assert router.child_of("smollm2").pid == pid
+
+
+def _tokens(router: RouterProcess, text: str) -> list[int]:
+    return list(router.client.post("/tokenize", json={"model": "smollm2", "content": text}).json()["tokens"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"json_schema": {"type": "string", "pattern": "^(a{1000}){1000}$"}}, "the JSON schema"),
+    ({"json_schema": {"type": "string", "pattern": "^a{100000}$"}}, "too costly to follow"),
+    ({"json_schema": {"$ref": "#"}}, "the JSON schema"),
+])
+def test_api_a_schema_that_cannot_be_followed_is_a_400(router: RouterProcess, extra: dict[str, Any],
+                                                       message: str) -> None:
+    response = router.client.post("/v1/completions", json={"model": "smollm2", "prompt": "Say a", "max_tokens": 10,
+                                                           **extra})
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_api_a_constraint_the_sampler_cannot_meet_fails_instead_of_answering(router: RouterProcess) -> None:
+    # The grammar allows one text; logit_bias bans every token that could start it.
+    # (-Infinity: JSON has no such number, but Python's json, llama-server's and ours read it.)
+    banned = {str(token): float("-inf") for token in {_tokens(router, "yes")[0], *_tokens(router, "y")}}
+    for stream in (False, True):
+        response = router.client.post("/v1/completions", content=json.dumps({
+            "model": "smollm2", "prompt": "Answer:", "max_tokens": 5, "grammar": 'root ::= "yes"', "stream": stream,
+            "logit_bias": banned, "logprobs": 1, "temperature": 0.8}), headers={"content-type": "application/json"})
+        if stream:
+            assert '"error"' in response.text and "cannot be followed" in response.text, response.text
+        else:
+            assert response.status_code == 400, response.text
+            assert "cannot be followed" in response.json()["error"]["message"]
+
+
+def test_api_logprobs_end_where_a_stop_string_cut_the_text(router: RouterProcess) -> None:
+    response = router.client.post("/v1/completions", json={
+        "model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 12, "temperature": 0, "logprobs": 0,
+        "stop": [", 7"]})
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"].endswith("6"), choice
+    assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+
+
+def test_api_null_means_not_set(router: RouterProcess) -> None:
+    response = chat(router, messages=USER, max_tokens=2, logprobs=None, n=None, top_logprobs=None)
+    assert response.status_code == 200, response.text
+    assert "logprobs" not in response.json()["choices"][0] or response.json()["choices"][0]["logprobs"] is None
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": "x"}]}, *USER]},
+     "'messages[0].tool_calls[0].function' must be"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]},
+     "'tools' has 129 functions; at most 128"),
+    ({"messages": USER, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "deep", "parameters": _nested(300)}}]}, "nested too deeply"),
+    ({"messages": USER, "stop": [[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]}, "stop"),
+])
+def test_api_malformed_tools_are_400s(router: RouterProcess, body: dict[str, Any], message: str) -> None:
+    response = chat(router, max_tokens=4, **body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_api_a_body_nested_too_deeply_is_a_400(router: RouterProcess) -> None:
+    body = b'{"model": "smollm2", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    response = router.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+
+
+def test_api_a_forced_call_is_not_cut_by_a_stop_string(router: RouterProcess) -> None:
+    response = chat(router, messages=ASK, tools=[WEATHER], tool_choice="required", stop=["city", "{"],
+                    temperature=0, max_tokens=200)
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    jsonschema.validate(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]), SCHEMAS["get_weather"])
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"input": "a", "embd_normalize": 10**23}, "embd_normalize"),
+    ({"input": [True, False]}, "input"),
+])
+def test_api_odd_embedding_fields_are_400s(router: RouterProcess, body: dict[str, Any], message: str) -> None:
+    response = router.client.post("/v1/embeddings", json={"model": "smollm2", **body})
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def _metric(router: RouterProcess, name: str) -> float:
+    for line in router.client.get("/metrics", params={"model": "smollm2"}).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name}")
+
+
+def test_api_embeddings_small_request_passes_a_big_one_and_a_client_that_leaves_costs_nothing(
+        router: RouterProcess) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    big = json.dumps({"model": "smollm2", "input": [f"{i} " + "lorem ipsum dolor " * 50 for i in range(16)]})
+    address = urlsplit(router.url)
+    with socket.create_connection((address.hostname, address.port)) as leaving:
+        leaving.sendall((f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(big)}\r\n\r\n{big}").encode())
+        deadline = time.monotonic() + 60
+        while _metric(router, "modelyard:embedding_inputs_queued") == 0:
+            assert time.monotonic() < deadline, "the big request never queued"
+            time.sleep(0.05)
+        before = _metric(router, "modelyard:embedding_inputs_total")
+        small = router.client.post("/v1/embeddings", json={"model": "smollm2", "input": "cat"})
+        assert small.status_code == 200
+        # Answered while most of the big request is still to do.
+        assert _metric(router, "modelyard:embedding_inputs_queued") > 0
+    # The big request's client left: its remaining inputs are dropped, not computed.
+    deadline = time.monotonic() + 60
+    while _metric(router, "modelyard:embedding_inputs_queued") != 0:
+        assert time.monotonic() < deadline, "the abandoned inputs stayed queued"
+        time.sleep(0.05)
+    assert _metric(router, "modelyard:embedding_inputs_total") - before < 16

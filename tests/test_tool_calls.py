@@ -69,6 +69,14 @@ def test_tool_calls_parallel_keeps_every_call_else_the_first() -> None:
     assert len({c.id for c in both}) == 2
 
 
+def test_tool_calls_a_call_cut_by_max_tokens_leaves_the_complete_ones() -> None:
+    second = {"name": "arm_alarm", "arguments": {"mode": "night"}}
+    text = (f"<tool_call>\n{json.dumps(CALL)}\n</tool_call>\n<tool_call>\n{json.dumps(second)}\n</tool_call>\n"
+            '<tool_call>\n{"name": "set_lights", "arguments": {"ro')
+    content, calls = parse_calls(text, _use(parallel=True), "hermes")
+    assert [c.name for c in calls] == ["set_lights", "arm_alarm"] and content == ""
+
+
 @pytest.mark.parametrize("text", [
     "The lights are on.",
     "<tool_call>{\"name\": \"open_door\", \"arguments\": {}}</tool_call>",  # a tool that was not offered

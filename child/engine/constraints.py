@@ -8,13 +8,17 @@ libllama's own grammar sampler was the other candidate; bench/constrained_decodi
 both (README, "Structured output").
 
 Compiling a client's schema is bounded (llguidance's parser limits: grammar size, lexer states,
-work per token), so a hostile schema costs a 400, not the engine's time or memory.
+work per token), so a hostile schema costs a 400, not the engine's time or memory. The limits do
+not bound everything: a regex such as `a{100000}` passes them and costs 60 ms a mask. So the first
+mask is computed when the schema is compiled, off the decode loop (a 400 if it is slow), and every
+later one is timed: a request whose mask takes over MASK_BUDGET_S fails rather than stall the batch.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,20 +34,24 @@ LIMITS = llguidance.LLParserLimits(step_lexer_fuel=100_000, step_max_items=25_00
                                    verbose_errors=False)
 
 
+MASK_BUDGET_S = 0.05  # one token's mask; a decode step of 8 sequences takes about 40 ms here
+
+
 class ConstraintError(ValueError):
     """The schema or grammar cannot be compiled; the message says which part and why."""
 
 
 @dataclass(frozen=True)
 class Grammar:
-    """A validated grammar (llguidance's form): each slot that follows it starts a Constraint."""
+    """A compiled grammar: a matcher at its start, which each slot that follows it copies."""
 
-    source: str  # llguidance grammar definition
+    matcher: llguidance.LLMatcher
     description: str  # for messages: "the JSON schema", "the grammar", "the tool calls", ...
-    compiler: ConstraintCompiler
+    n_vocab: int
 
     def start(self) -> Constraint:
-        return self.compiler.start(self)
+        """Cheap (a copy of compiled state): runs on the decode loop."""
+        return Constraint(self.matcher.deep_copy(), self.n_vocab, self.description)
 
 
 # JSON between its tokens may hold some whitespace, not any amount: a small model in a loop would
@@ -99,40 +107,60 @@ class ConstraintCompiler:
         self._lock = threading.Lock()
 
     def compile(self, definition: str, description: str) -> Grammar:
-        """Validate a grammar definition; ConstraintError names what is wrong."""
+        """Compile a grammar definition and compute its first mask (blocking: run it off the event
+        loop); ConstraintError names what is wrong."""
         with self._lock:
             error = llguidance.LLMatcher.validate_grammar(definition, self.tokenizer, limits=LIMITS)
-        if error:
-            raise ConstraintError(f"{description} cannot be used: {error.strip()}")
-        return Grammar(definition, description, self)
-
-    def start(self, grammar: Grammar) -> Constraint:
-        return Constraint(llguidance.LLMatcher(self.tokenizer, grammar.source, limits=LIMITS, log_level=0),
-                          self.n_vocab)
+            if error:
+                raise ConstraintError(f"{description} cannot be used: {error.strip()}")
+            matcher = llguidance.LLMatcher(self.tokenizer, definition, limits=LIMITS, log_level=0)
+        probe = Constraint(matcher.deep_copy(), self.n_vocab, description)
+        probe.apply(np.zeros(self.n_vocab, dtype=np.float32))
+        if probe.failed:
+            raise ConstraintError(probe.failed)
+        return Grammar(matcher, description, self.n_vocab)
 
 
 class Constraint:
     """One slot's grammar state: masks logits, follows the sampled tokens."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, n_vocab: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, n_vocab: int, description: str) -> None:
         self.matcher = matcher
         self.n_vocab = n_vocab
+        self.description = description
         self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._allowed = np.ones(n_vocab, dtype=np.bool_)
+        self._too_slow: str | None = None
 
     @property
     def failed(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
+        """Why the output can no longer follow the grammar, or None."""
+        if self._too_slow is not None:
+            return self._too_slow
+        if self.matcher.is_error():
+            return f"{self.description} cannot be followed: {self.matcher.get_error().strip()}"
+        return None
 
     def apply(self, logits: np.ndarray) -> None:
         """Set every token the grammar does not allow next to -inf (in place)."""
+        started = time.perf_counter()
         self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-        allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little", count=self.n_vocab).view(np.bool_)
-        logits[: self.n_vocab][~allowed] = -np.inf
+        elapsed = time.perf_counter() - started
+        if elapsed > MASK_BUDGET_S:
+            self._too_slow = (f"{self.description} is too costly to follow: the allowed next tokens took "
+                              f"{elapsed * 1000:.0f} ms to compute (at most {MASK_BUDGET_S * 1000:.0f} ms)")
+        self._allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little", count=self.n_vocab).view(np.bool_)
+        logits[: self.n_vocab][~self._allowed] = -np.inf
+
+    def allows(self, token: int) -> bool:
+        """Whether the last mask allowed `token` (a sampler left with no allowed token picks another)."""
+        return 0 <= token < self.n_vocab and bool(self._allowed[token])
 
     def accept(self, token: int) -> None:
         self.matcher.consume_token(token)
 
     @property
     def done(self) -> bool:
-        """The grammar is complete: nothing but the end of the text may follow."""
-        return bool(self.matcher.is_stopped())
+        """The grammar is complete: nothing but the end of the text may follow. (llguidance also
+        stops on an error: `failed` is checked first.)"""
+        return bool(self.matcher.is_stopped()) and not self.matcher.is_error()

@@ -2,8 +2,9 @@
 
 Requests are taken in arrival order and packed together (inputs of several requests share one
 decode); between two such decodes the generation slots take their step, so a request with a
-thousand inputs slows generation down but never stops it. A request whose client has left (its
-future cancelled) is dropped before its next input is computed.
+thousand inputs slows generation down but never stops it (while slots generate, a decode takes
+fewer tokens: see Scheduler._run_embeddings). A request whose client has left (its future
+cancelled) is dropped before its next input is computed.
 """
 
 from __future__ import annotations
@@ -36,14 +37,19 @@ class EmbeddingQueue:
     def add(self, job: EmbedJob) -> None:
         self._jobs.append(job)
 
+    def pending_inputs(self) -> int:
+        """Inputs still to compute for clients that are still there."""
+        return sum(len(job.inputs) - len(job.vectors) for job in self._jobs if not job.future.cancelled())
+
     def take_all(self) -> list[EmbedJob]:
         jobs = list(self._jobs)
         self._jobs.clear()
         return jobs
 
-    def next_batch(self, batch_tokens: int) -> list[tuple[EmbedJob, list[int]]]:
-        """The next inputs, in arrival order, that fit one decode: at most MAX_SEQUENCES of them
-        and batch_tokens tokens in all (each input alone fits; the caller checked)."""
+    def next_batch(self, budget: int) -> list[tuple[EmbedJob, list[int]]]:
+        """The next inputs, in arrival order, for one decode: at most MAX_SEQUENCES of them and
+        `budget` tokens in all, or the first one alone if it is longer (the caller checked that
+        every input fits the embedding context)."""
         self._pop_finished()
         batch: list[tuple[EmbedJob, list[int]]] = []
         tokens = 0
@@ -51,7 +57,7 @@ class EmbeddingQueue:
             if job.future.cancelled():
                 continue
             for inputs in job.inputs[len(job.vectors):]:
-                if len(batch) == MAX_SEQUENCES or tokens + len(inputs) > batch_tokens:
+                if batch and (len(batch) == MAX_SEQUENCES or tokens + len(inputs) > budget):
                     break
                 batch.append((job, inputs))
                 tokens += len(inputs)
@@ -70,11 +76,10 @@ class EmbeddingQueue:
                 job.future.set_exception(error)
 
     def _pop_finished(self) -> None:
-        """Inputs are computed in arrival order, so finished jobs are at the front."""
-        while self._jobs:
-            head = self._jobs[0]
-            if not head.future.cancelled() and len(head.vectors) < len(head.inputs):
-                return
-            self._jobs.popleft()
-            if head.future.set_running_or_notify_cancel():
-                head.future.set_result(head.vectors)
+        """Answer every job whose vectors are all there (a small one packed beside a large one
+        finishes first) and drop those whose client left."""
+        finished = [job for job in self._jobs if job.future.cancelled() or len(job.vectors) == len(job.inputs)]
+        for job in finished:
+            self._jobs.remove(job)
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_result(job.vectors)

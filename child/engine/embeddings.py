@@ -58,7 +58,7 @@ class EmbeddingContext:
         if not self.ctx:
             raise EmbeddingError("libllama could not create an embedding context")
         self.memory = llama.llama_get_memory(self.ctx)
-        self.n_embd = int(llama.llama_model_n_embd(model.model))
+        self.n_embd = model.n_embd
         self._batch = llama.llama_batch_init(settings.batch_tokens, 0, MAX_SEQUENCES)
 
     def _pooling(self, asked: str | None) -> str:

@@ -104,6 +104,7 @@ class LlamaModel:
             raise ModelLoadError(f"libllama could not load {path} (not a valid GGUF model?)")
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(llama.llama_model_n_embd(self.model))
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self.model))
 
         ctx_params = llama.llama_context_default_params()

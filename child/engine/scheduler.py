@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 
 EXIT_ENGINE_FAILED = 4
+EMBED_TOKENS_WHILE_GENERATING = 64  # the most embedding tokens decoded between two generation steps
 T = TypeVar("T")
 
 
@@ -180,8 +181,12 @@ class Scheduler:
                 return
         # One decode per turn of the loop, so generation steps go on between them; the queue is
         # touched under the lock (submitters append to it), the decode runs outside it.
+        # While slots generate, an embedding decode is kept small (an input longer than that still
+        # goes alone): each one delays every generating slot's next token by its length.
+        generating = any(s.request is not None for s in self.slots)
+        budget = EMBED_TOKENS_WHILE_GENERATING if generating else self._embedder.batch_tokens
         with self._cv:
-            batch = self._embeddings.next_batch(self._embedder.batch_tokens)
+            batch = self._embeddings.next_batch(budget)
         if not batch:
             return
         try:
@@ -190,8 +195,13 @@ class Scheduler:
             with self._cv:
                 self._embeddings.fail(batch, exc)
             return
+        self.stats.embedding_inputs_total += len(batch)
         with self._cv:
             self._embeddings.record(batch, vectors)
+
+    def embedding_inputs_queued(self) -> int:
+        with self._cv:
+            return self._embeddings.pending_inputs()
 
     @property
     def embedding_pooling(self) -> str | None:
@@ -270,10 +280,14 @@ class Scheduler:
         for request in arrivals:
             if request.cancelled.is_set():
                 continue
-            if isinstance(request.prompt, str):
-                tokens = model.tokenize(request.prompt, add_special=request.add_special, parse_special=True)
-            else:
-                tokens = list(request.prompt)
+            try:
+                if isinstance(request.prompt, str):
+                    tokens = model.tokenize(request.prompt, add_special=request.add_special, parse_special=True)
+                else:
+                    tokens = list(request.prompt)
+            except (UnicodeError, ValueError) as exc:  # one bad prompt fails alone, never the loop
+                request.sink(Failed(f"the prompt cannot be tokenized: {exc}", 400, "invalid_request_error"))
+                continue
             error = self._validate(request, tokens)
             if error:
                 request.sink(Failed(error, 400, "invalid_request_error"))
@@ -370,6 +384,7 @@ class Scheduler:
         slot.text = TextAssembler(request.stop)
         slot.constraint = request.grammar.start() if request.grammar is not None else None
         slot.logprobs = []
+        slot.text_bytes = slot.logprob_bytes = 0
         slot.t_start = time.perf_counter()
         slot.t_first_token = 0.0
 
@@ -447,6 +462,12 @@ class Scheduler:
                 slot.constraint.apply(logits)  # choices of one request mask alike at their first token
             token = slot.sampler.sample(self.model.ctx, index)
             if slot.constraint is not None:
+                if slot.constraint.failed is None and not slot.constraint.allows(token):
+                    # Every token the grammar allows was ruled out (logit_bias, say): the sampler
+                    # had to pick a forbidden one.
+                    self._finish_failed(slot, f"{slot.constraint.description} cannot be followed: the request's "
+                                              "sampling settings (logit_bias) rule out every token it allows", 400)
+                    continue
                 slot.constraint.accept(token)
             if basis is not None:
                 slot.logprobs.append(token_logprob(self.model, logits, basis, token))
@@ -464,25 +485,42 @@ class Scheduler:
                 slot.logprobs.pop()  # the end of the text is no token of it
             self._finish(slot, "stop", slot.text.finish())
             return
+        if slot.constraint is not None and slot.constraint.failed:
+            self._finish_failed(slot, slot.constraint.failed, 400)
+            return
         text = slot.text.push(self.model.token_piece(token))
+        if slot.text.stopped_by is not None:
+            self._drop_logprobs_beyond(slot, slot.text_bytes + len(text.encode()))
         if slot.text.stopped_by is not None or (slot.constraint is not None and slot.constraint.done):
             self._finish(slot, "stop", text + (slot.text.finish() if slot.text.stopped_by is None else ""))
-            return
-        if slot.constraint is not None and slot.constraint.failed:
-            self._finish_failed(slot, f"the constrained output failed: {slot.constraint.failed}")
             return
         out_of_room = len(slot.cached) + 1 >= self.n_ctx_slot
         if (request.max_tokens > 0 and slot.generated >= request.max_tokens) or out_of_room:
             self._finish(slot, "length", text + slot.text.finish())
             return
         if text:
+            slot.text_bytes += len(text.encode())
             request.sink(Delta(text, slot.choice, self._take_logprobs(slot)))
         slot.next_token = token
 
     @staticmethod
     def _take_logprobs(slot: Slot) -> tuple[TokenLogprob, ...]:
         taken, slot.logprobs = tuple(slot.logprobs), []
+        slot.logprob_bytes += sum(len(entry.piece) for entry in taken)
         return taken
+
+    @staticmethod
+    def _drop_logprobs_beyond(slot: Slot, text_end: int) -> None:
+        """A stop string ended the text at byte `text_end`: the tokens that begin after it (the
+        stop string's own) are no part of the answer, and neither are their logprobs."""
+        start = slot.logprob_bytes
+        kept = []
+        for entry in slot.logprobs:
+            if start >= text_end:
+                break
+            kept.append(entry)
+            start += len(entry.piece)
+        slot.logprobs = kept
 
     def _finish(self, slot: Slot, reason: str, last_text: str) -> None:
         request = slot.request
@@ -501,9 +539,9 @@ class Scheduler:
         ))
         self._release(slot)
 
-    def _finish_failed(self, slot: Slot, message: str) -> None:
+    def _finish_failed(self, slot: Slot, message: str, status: int = 500) -> None:
         assert slot.request is not None
-        slot.request.sink(Failed(message, 500))
+        slot.request.sink(Failed(message, status, "invalid_request_error" if status == 400 else "server_error"))
         slot.request.cancel()  # its other choices, if any, leave at the next step
         self._release(slot)
         if self.model is not None:

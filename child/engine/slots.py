@@ -26,6 +26,8 @@ class Slot:
     t_first_token: float = 0.0
     constraint: Constraint | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled, not yet sent with a delta
+    text_bytes: int = 0  # of the text sent so far
+    logprob_bytes: int = 0  # of the tokens whose logprobs were sent so far
     choice: int = 0  # which of its request's n choices this slot generates
     # A request with n choices prefills its prompt in one slot, the leader; when the prompt is in,
     # its KV cells are copied to the other slots (followers), which wait until then.
@@ -45,6 +47,7 @@ class EngineStats:
     decode_calls_total: int = 0
     sequences_decoded_total: int = 0  # sum over decode calls of the sequences sampled in each
     decode_seconds_total: float = 0.0
+    embedding_inputs_total: int = 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
