@@ -160,7 +160,7 @@ class Constraint:
             self._too_slow = (f"{self.description} is too costly to follow: the allowed next tokens took "
                               f"{self.last_mask_s * 1000:.0f} ms to compute (at most {MASK_BUDGET_S * 1000:.0f} ms)")
         self._allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little", count=self.n_vocab).view(np.bool_)
-        logits[: self.n_vocab][~self._allowed] = -np.inf
+        _mask_out(logits[: self.n_vocab], self._allowed)
 
     def allows(self, token: int) -> bool:
         """Whether the last mask allowed `token` (a sampler left with no allowed token picks another)."""
@@ -174,3 +174,16 @@ class Constraint:
         """The grammar is complete: nothing but the end of the text may follow. (llguidance also
         stops on an error: `failed` is checked first.)"""
         return bool(self.matcher.is_stopped()) and not self.matcher.is_error()
+
+
+def _mask_out(logits: np.ndarray, allowed: np.ndarray) -> None:
+    """logits[~allowed] = -inf, by the shorter list of indices: a boolean-mask assignment over the
+    whole vocabulary costs 100-200 us, this about 20 us when (as usual) few tokens are allowed, or
+    few are not."""
+    if np.count_nonzero(allowed) * 2 < len(allowed):
+        keep = np.flatnonzero(allowed)
+        kept = logits[keep]
+        logits.fill(-np.inf)
+        logits[keep] = kept
+    else:
+        logits[np.flatnonzero(~allowed)] = -np.inf
