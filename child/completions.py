@@ -110,6 +110,13 @@ async def _grammar_of(runtime: ChildRuntime, body: GenerationBody) -> Grammar | 
 
 def render_chat(runtime: ChildRuntime, body: ChatCompletionBody) -> tuple[str, ToolUse | None, Family]:
     """The prompt a chat request becomes (tools included), its tools and their call format."""
+    try:
+        return _render_chat(runtime, body)
+    except RecursionError as exc:  # JSON in the body may nest deeper than rendering it can go
+        raise RequestError("the messages or tools are nested too deeply") from exc
+
+
+def _render_chat(runtime: ChildRuntime, body: ChatCompletionBody) -> tuple[str, ToolUse | None, Family]:
     if runtime.template is None:
         raise RequestError("this model has no chat template: use /v1/completions, or start it with "
                            "--chat-template NAME")
@@ -134,8 +141,6 @@ def render_chat(runtime: ChildRuntime, body: ChatCompletionBody) -> tuple[str, T
         prompt = runtime.template.render(messages, **extra)
     except ChatTemplateError as exc:
         raise RequestError(str(exc)) from exc
-    except RecursionError as exc:
-        raise RequestError("the messages or tools are nested too deeply for the chat template") from exc
     return prompt, (tools if tools is not None and tools.offered else None), family
 
 

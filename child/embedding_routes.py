@@ -37,7 +37,7 @@ class EmbeddingBody(BaseModel):
     input: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None
     content: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None  # llama-server's
     encoding_format: Literal["float", "base64"] = "float"
-    embd_normalize: int = Field(default=2, ge=-1, le=32)  # -1 none, 0 max, 1 taxicab, 2 euclidean, p
+    embd_normalize: StrictInt = Field(default=2, ge=-1, le=32)  # -1 none, 0 max, 1 taxicab, 2 euclidean, p
     dimensions: int | None = None
     user: str | None = None
 

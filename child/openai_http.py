@@ -34,7 +34,9 @@ class NotAJsonObject(ValueError):
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request body as a JSON object; NotAJsonObject says why not."""
     try:
-        data = json.loads(raw) if raw else None
+        # UTF-8 only (json.loads would also guess UTF-16 and UTF-32, which the checks below and
+        # everything after them do not expect).
+        data = json.loads(raw.decode("utf-8")) if raw else None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NotAJsonObject(f"the request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:

@@ -440,6 +440,9 @@ def _tokens(router: RouterProcess, text: str) -> list[int]:
     ({"json_schema": {"type": "string", "pattern": "^(a{1000}){1000}$"}}, "the JSON schema"),
     ({"json_schema": {"type": "string", "pattern": "^a{100000}$"}}, "too costly to follow"),
     ({"json_schema": {"$ref": "#"}}, "the JSON schema"),
+    # Compiles, then fails while computing the third token's mask (llguidance's item limit).
+    ({"grammar": 'root ::= "q" "#" ' + " ".join(f"n{i}" for i in range(600)) + ' "!"\n'
+      + "\n".join(f"n{i} ::= [a-z ]?" for i in range(600))}, "cannot be followed"),
 ])
 def test_api_a_schema_that_cannot_be_followed_is_a_400(router: RouterProcess, extra: dict[str, Any],
                                                        message: str) -> None:
@@ -471,6 +474,28 @@ def test_api_logprobs_end_where_a_stop_string_cut_the_text(router: RouterProcess
     choice = response.json()["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["text"].endswith("6"), choice
     assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+
+
+def test_api_logprobs_at_a_stop_string_after_a_special_token(router: RouterProcess) -> None:
+    # Special tokens show in logprobs but write no text: the cut is counted in text, not pieces.
+    prompt = "<|im_start|>user\nSay only the word hi.<|im_end|>\n<|im_start|>assistant\n"
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 14, "temperature": 0, "logprobs": 0,
+            "ignore_eos": True}
+    free = router.client.post("/v1/completions", json=body).json()["choices"][0]
+    assert "<|im_end|>" in free["logprobs"]["tokens"], free  # the case this test is about
+    text, tokens = free["text"], free["logprobs"]["tokens"]
+    cut = text.find("ser", text.find("<|im_end|>") if "<|im_end|>" in text else 0)
+    assert cut > 0, text
+    stopped = router.client.post("/v1/completions", json={**body, "stop": ["ser"]}).json()["choices"][0]
+    assert stopped["text"] == text[:cut]
+    # The tokens that begin before the cut, and no more.
+    expected, written = [], 0
+    for token in tokens:
+        if written >= cut:
+            break
+        expected.append(token)
+        written += 0 if token.startswith("<|") and token.endswith("|>") else len(token)
+    assert stopped["logprobs"]["tokens"] == expected
 
 
 def test_api_null_means_not_set(router: RouterProcess) -> None:
@@ -505,6 +530,25 @@ def test_api_a_body_nested_too_deeply_is_a_400(router: RouterProcess) -> None:
     body = b'{"model": "smollm2", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     response = router.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
+    # Deep enough to parse, too deep for some step after (the generic tool prompt, the template).
+    for depth in range(200, 500):
+        parameters = '{"type": "object", "properties": {"a": ' * depth + '{"type": "string"}' + "}}" * depth
+        body = ('{"model": "smollm2", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], '
+                '"tools": [{"type": "function", "function": {"name": "deep", "parameters": ' + parameters + '}}]}')
+        response = router.client.post("/v1/chat/completions", content=body,
+                                      headers={"content-type": "application/json"})
+        assert response.status_code in (200, 400), (depth, response.text)
+
+
+def test_api_a_body_in_utf16_is_a_400(router: RouterProcess) -> None:
+    body = '{"model": "smollm2", "input": "x\\ud800"}'.encode("utf-16")
+    response = router.client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+
+
+def test_api_booleans_are_no_token_ids(router: RouterProcess) -> None:
+    response = router.client.post("/v1/completions", json={"model": "smollm2", "prompt": [True, 5]})
+    assert response.status_code == 400, response.text
 
 
 def test_api_a_forced_call_is_not_cut_by_a_stop_string(router: RouterProcess) -> None:
@@ -518,6 +562,7 @@ def test_api_a_forced_call_is_not_cut_by_a_stop_string(router: RouterProcess) ->
 @pytest.mark.parametrize(("body", "message"), [
     ({"input": "a", "embd_normalize": 10**23}, "embd_normalize"),
     ({"input": [True, False]}, "input"),
+    ({"input": "a", "embd_normalize": True}, "embd_normalize"),
 ])
 def test_api_odd_embedding_fields_are_400s(router: RouterProcess, body: dict[str, Any], message: str) -> None:
     response = router.client.post("/v1/embeddings", json={"model": "smollm2", **body})

@@ -1,10 +1,10 @@
 """Embedding requests waiting for the scheduler thread, served one llama_decode at a time.
 
-Requests are taken in arrival order and packed together (inputs of several requests share one
-decode); between two such decodes the generation slots take their step, so a request with a
-thousand inputs slows generation down but never stops it (while slots generate, a decode takes
-fewer tokens: see Scheduler._run_embeddings). A request whose client has left (its future
-cancelled) is dropped before its next input is computed.
+Requests are packed together, round-robin (inputs of several requests share one decode); between
+two such decodes the generation slots take their step, so a request with a thousand inputs slows
+generation down but never stops it (while slots generate, a decode takes fewer tokens: see
+Scheduler._run_embeddings). A request whose client has left (its future cancelled) is dropped
+before its next input is computed.
 """
 
 from __future__ import annotations
@@ -47,20 +47,28 @@ class EmbeddingQueue:
         return jobs
 
     def next_batch(self, budget: int) -> list[tuple[EmbedJob, list[int]]]:
-        """The next inputs, in arrival order, for one decode: at most MAX_SEQUENCES of them and
-        `budget` tokens in all, or the first one alone if it is longer (the caller checked that
-        every input fits the embedding context)."""
+        """The next inputs for one decode: at most MAX_SEQUENCES of them and `budget` tokens in
+        all, or the first one alone if it is longer (the caller checked that every input fits the
+        embedding context). Taken round-robin across requests, oldest first, so a one-input
+        request is answered by the next decode even behind one with thousands of inputs."""
         self._pop_finished()
         batch: list[tuple[EmbedJob, list[int]]] = []
         tokens = 0
-        for job in self._jobs:
-            if job.future.cancelled():
-                continue
-            for inputs in job.inputs[len(job.vectors):]:
+        taken = {id(job): len(job.vectors) for job in self._jobs}  # next input index per job
+        added = True
+        while added and len(batch) < MAX_SEQUENCES:
+            added = False
+            for job in self._jobs:
+                position = taken[id(job)]
+                if job.future.cancelled() or position == len(job.inputs):
+                    continue
+                inputs = job.inputs[position]
                 if batch and (len(batch) == MAX_SEQUENCES or tokens + len(inputs) > budget):
-                    break
+                    continue
                 batch.append((job, inputs))
+                taken[id(job)] = position + 1
                 tokens += len(inputs)
+                added = True
         return batch
 
     def record(self, batch: list[tuple[EmbedJob, list[int]]], vectors: list[np.ndarray]) -> None:

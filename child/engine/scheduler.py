@@ -460,9 +460,12 @@ class Scheduler:
             assert slot.sampler is not None
             if slot.constraint is not None:
                 slot.constraint.apply(logits)  # choices of one request mask alike at their first token
+                if slot.constraint.failed:  # computing the mask can fail too (llguidance's limits)
+                    self._finish_failed(slot, slot.constraint.failed, 400)
+                    continue
             token = slot.sampler.sample(self.model.ctx, index)
             if slot.constraint is not None:
-                if slot.constraint.failed is None and not slot.constraint.allows(token):
+                if not slot.constraint.allows(token):
                     # Every token the grammar allows was ruled out (logit_bias, say): the sampler
                     # had to pick a forbidden one.
                     self._finish_failed(slot, f"{slot.constraint.description} cannot be followed: the request's "
@@ -503,24 +506,27 @@ class Scheduler:
             request.sink(Delta(text, slot.choice, self._take_logprobs(slot)))
         slot.next_token = token
 
-    @staticmethod
-    def _take_logprobs(slot: Slot) -> tuple[TokenLogprob, ...]:
+    def _take_logprobs(self, slot: Slot) -> tuple[TokenLogprob, ...]:
         taken, slot.logprobs = tuple(slot.logprobs), []
-        slot.logprob_bytes += sum(len(entry.piece) for entry in taken)
+        slot.logprob_bytes += sum(len(self._text_piece(entry.token)) for entry in taken)
         return taken
 
-    @staticmethod
-    def _drop_logprobs_beyond(slot: Slot, text_end: int) -> None:
+    def _drop_logprobs_beyond(self, slot: Slot, text_end: int) -> None:
         """A stop string ended the text at byte `text_end`: the tokens that begin after it (the
-        stop string's own) are no part of the answer, and neither are their logprobs."""
+        stop string's own) are no part of the answer, and neither are their logprobs. Counted in
+        the bytes the text is made of (special tokens write none), not the pieces logprobs show."""
         start = slot.logprob_bytes
         kept = []
         for entry in slot.logprobs:
             if start >= text_end:
                 break
             kept.append(entry)
-            start += len(entry.piece)
+            start += len(self._text_piece(entry.token))
         slot.logprobs = kept
+
+    def _text_piece(self, token: int) -> bytes:
+        assert self.model is not None
+        return self.model.token_piece(token)
 
     def _finish(self, slot: Slot, reason: str, last_text: str) -> None:
         request = slot.request
