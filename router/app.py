@@ -110,8 +110,8 @@ def front_door(app: FastAPI) -> ASGIApp:
     """
     settings: RouterSettings = app.state.settings
     entry: ASGIApp = ProxiedPostsFastPath(app, openai.PROXIED_POSTS, openai.proxy_body)
-    if settings.api_key:
-        entry = ApiKeyMiddleware(entry, api_key=settings.api_key)
+    if settings.api_keys:
+        entry = ApiKeyMiddleware(entry, api_keys=settings.api_keys)
     entry = BodyLimitMiddleware(entry, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         entry = CORSMiddleware(entry, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])

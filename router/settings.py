@@ -26,7 +26,7 @@ class RouterSettings(BaseModel):
     models_dir: str | None = None
     models_max: int = Field(default=4, ge=0)  # 0 = unlimited
     models_autoload: bool = True
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # any of them opens every route but /health; none: no key needed
     timeout_s: float = 3600.0  # read timeout for a proxied request
     models_queue: int = Field(default=64, ge=0)  # loads waiting for room before 503
     models_ttl_s: float = -1.0  # idle seconds before a model is unloaded; -1 = never
@@ -120,15 +120,16 @@ def _spec_by_dest(dest: str) -> ArgSpec:
 def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, str]:
     """Parse the command line; return the settings and the log level."""
     args = build_parser().parse_args(argv)
-    api_key = args.api_key
+    # As llama-server: --api-key is a comma-separated list, --api-key-file adds one key a line.
+    api_keys = [k.strip() for k in (args.api_key or "").split(",") if k.strip()]
     if args.api_key_file:
         try:
-            keys = [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
+            from_file = [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
         except OSError as exc:
             raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {exc}") from exc
-        if not keys:
+        if not from_file:
             raise ConfigError(f"--api-key-file {args.api_key_file} holds no key")
-        api_key = keys[0]
+        api_keys += from_file
     child_args: dict[str, str | bool] = {}
     for key, value in vars(args).items():
         if key.startswith("child__"):
@@ -145,7 +146,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
         models_dir=args.models_dir,
         models_max=args.models_max,
         models_autoload=args.models_autoload,
-        api_key=api_key,
+        api_keys=tuple(dict.fromkeys(api_keys)),
         timeout_s=args.timeout,
         models_queue=args.models_queue,
         models_ttl_s=args.models_ttl,

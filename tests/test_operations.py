@@ -122,3 +122,16 @@ def test_operations_api_key_guards_everything_but_health(start_router, tiny_mode
     assert ok.status_code == 200
     # The child never sees the key.
     assert ok.json()["received_authorization"] is None
+
+
+def test_operations_several_api_keys_from_the_list_and_the_file(start_router, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("from-file-1\n\n  from-file-2  \n")
+    router = start_router(f"[f]\nmodel = /x.gguf\nbin = {fake_bin()}\n", "--api-key", "one, two",
+                          "--api-key-file", str(keys))
+    for key in ("one", "two", "from-file-1", "from-file-2"):
+        assert router.client.get("/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200, key
+        assert router.client.get("/models", headers={"x-api-key": key}).status_code == 200, key
+    for wrong in ("one, two", "one,two", "three", "from-file-3", "on"):
+        assert router.client.get("/models", headers={"x-api-key": wrong}).status_code == 401, wrong
+    assert router.client.get("/models").status_code == 401
