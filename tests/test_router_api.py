@@ -80,8 +80,9 @@ def test_router_load_and_unload_api(start_router, tiny_model: Path) -> None:
     client = router.client
     missing = client.post("/models/load", json={"model": "nope"})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
-    not_running = client.post("/models/unload", json={"model": "tiny-a"})
-    assert not_running.status_code == 400 and "not running" in not_running.json()["error"]["message"]
+    # Not running: already unloaded, a success as in llama.cpp's router.
+    assert client.post("/models/unload", json={"model": "tiny-a"}).json() == {"success": True}
+    assert client.post("/models/unload", json={"model": "nope"}).status_code == 400
     assert client.post("/models/load", json={"model": "tiny-a"}).json() == {"success": True}
     again = client.post("/models/load", json={"model": "tiny-a"})
     assert again.status_code == 400 and again.json()["error"]["message"] == "model is already running"
@@ -89,7 +90,29 @@ def test_router_load_and_unload_api(start_router, tiny_model: Path) -> None:
     assert client.post("/models/unload", json={"model": "tiny-a"}).json() == {"success": True}
     entry = router.wait_status("tiny-a", "unloaded")
     assert "failed" not in entry["status"]
-    assert client.post("/models/unload", json={}).status_code == 400
+
+
+def test_router_llama_swap_running_and_unload_all(start_router, tiny_model: Path) -> None:
+    preset = tiny_preset(tiny_model, ["tiny-a", "tiny-c"], np=1) + f"[tiny-b]\nmodel = {tiny_model}\nttl = 300\n"
+    router = start_router(preset, "--models-max", "3")
+    client = router.client
+    assert client.get("/running").json() == {"running": []}
+    for name in ("tiny-a", "tiny-b"):
+        client.post("/models/load", json={"model": name})
+        router.wait_status(name, "loaded")
+    running = {entry["model"]: entry for entry in client.get("/running").json()["running"]}
+    assert set(running) == {"tiny-a", "tiny-b"}
+    assert running["tiny-b"]["state"] == "ready" and running["tiny-b"]["ttl"] == 300
+    assert running["tiny-a"]["proxy"].startswith("http://127.0.0.1:") and "child" in running["tiny-a"]["cmd"]
+    # No model named: every running model stops (POST /models/unload, or llama-swap's GET /unload).
+    assert client.post("/models/unload", json={}).json() == {"success": True}
+    assert {router.status(n) for n in ("tiny-a", "tiny-b", "tiny-c")} == {"unloaded"}
+    client.post("/models/load", json={"model": "tiny-c"})
+    router.wait_status("tiny-c", "loaded")
+    unload = client.get("/unload")
+    assert unload.status_code == 200 and unload.text == "OK"
+    assert router.status("tiny-c") == "unloaded"
+    assert client.post("/models/unload").json() == {"success": True}  # no body at all
 
 
 def test_router_no_autoload_refuses_unloaded_models(start_router, tiny_model: Path) -> None:

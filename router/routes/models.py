@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from router.errors import ConfigError, InvalidRequest, NotFound
 from router.events import Subscription
 from router.hf_cache import list_cached_models, remove_cached_model
+from router.idle_reaper import ttl_of
 from router.model_record import ModelRecord
 from router.model_sources import SOURCE_CACHE, collect_specs
 from router.model_status import ModelStatus
@@ -47,7 +49,12 @@ async def load_model(request: Request) -> dict[str, Any]:
 
 @router.post("/models/unload", openapi_extra=schemas.MODEL_ONLY)
 async def unload_model(request: Request) -> dict[str, Any]:
-    _, data = await json_body(request)
+    """Stop a model; without a `model` field, every running model (as llama-swap's /unload)."""
+    raw = await request.body()
+    _, data = await json_body(request) if raw.strip() else (raw, {})
+    if data.get("model") is None:
+        await registry_of(request).unload_all()
+        return {"success": True}
     name = required_model_field(data, "model name is missing from the request")
     record = registry_of(request).lookup(name)
     if record is not None and record.status == ModelStatus.DOWNLOADING:
@@ -55,6 +62,33 @@ async def unload_model(request: Request) -> dict[str, Any]:
         return {"success": True}
     await registry_of(request).unload(name)
     return {"success": True}
+
+
+@router.get("/unload")
+async def unload_all_models(request: Request) -> PlainTextResponse:
+    """llama-swap's: stop every running model."""
+    await registry_of(request).unload_all()
+    return PlainTextResponse("OK")
+
+
+@router.get("/running")
+async def running_models(request: Request) -> dict[str, Any]:
+    """llama-swap's list of the models whose process runs ("ready"; "sleeping" while a child has
+    released its weights; "starting" while it loads)."""
+    registry = registry_of(request)
+    states = {ModelStatus.LOADED: "ready", ModelStatus.SLEEPING: "sleeping", ModelStatus.LOADING: "starting"}
+    running = []
+    for record in registry.records.values():
+        if record.status not in states:
+            continue
+        ttl = ttl_of(registry, record)
+        running.append({
+            "model": record.name, "state": states[record.status],
+            "cmd": " ".join(record.child.argv) if record.child is not None else "",
+            "proxy": f"http://127.0.0.1:{record.port}" if record.port else "",
+            "ttl": int(ttl) if ttl >= 0 else 0,
+        })
+    return {"running": running}
 
 
 def _model_in_query(request: Request, missing_message: str) -> ModelRecord:
