@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a proxied request may wait for the child")
     router.add_argument("--models-queue", type=int, default=int(_env("LLAMA_ARG_MODELS_QUEUE", "64") or 64),
                         help="requests that may wait for a model to get room before 503")
-    router.add_argument("--models-ttl", type=float, default=float(_env("LLAMA_ARG_MODELS_TTL", "-1") or -1),
-                        help="unload a model after this many idle seconds; -1 = never (preset key: ttl)")
+    router.add_argument("--models-ttl", "--stop-idle-seconds", dest="models_ttl", type=float,
+                        default=float(_env("LLAMA_ARG_MODELS_TTL", "") or _env("LLAMA_ARG_STOP_IDLE_SECONDS", "-1")
+                                      or -1),
+                        help="unload a model after this many idle seconds; -1 = never (preset key: ttl); "
+                             "--stop-idle-seconds is llama.cpp's name for it")
     router.add_argument("--memory-reserve-mb", type=float,
                         default=float(_env("MODELYARD_MEMORY_RESERVE_MB", "512") or 512),
                         help="memory kept free when admitting a model")

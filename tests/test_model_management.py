@@ -103,6 +103,13 @@ def test_management_idle_models_are_unloaded_after_their_ttl(start_router, tiny_
         feed.close()
 
 
+def test_management_stop_idle_seconds_is_llama_cpp_name_for_the_ttl(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["idle"]), "--stop-idle-seconds", "0.5")
+    assert router.client.post("/v1/chat/completions", json={"model": "idle", **CHAT}).status_code == 200
+    router.wait_status("idle", "unloaded", timeout_s=30)
+    assert "model idle idle for" in router.log_text()
+
+
 def test_management_pinned_models_are_never_evicted(start_router, tiny_model: Path) -> None:
     preset = tiny_preset(tiny_model, ["pinned"], extra="pin = true\n") + f"[other]\nmodel = {tiny_model}\n"
     router = start_router(preset, "--models-max", "1")
