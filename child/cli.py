@@ -16,6 +16,7 @@ import sys
 from child import serving
 from child.arguments import CHILD_ARGS, build_parser
 from child.engine.llama_model import set_libllama_verbose
+from child.foreign_flags import UnknownFlag, extract_foreign
 from child.router_link import RouterLink
 from child.runtime import ChildRuntime, ServeSettings
 from child.server import create_app
@@ -60,7 +61,15 @@ async def _serve(runtime: ChildRuntime, sock: socket.socket) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # llama-server's flags this engine does not have are accepted (the router passes a llama.cpp
+    # user's flags on as they are) and named once in the log.
+    own = set(parser._option_string_actions)
+    try:
+        rest, foreign = extract_foreign(sys.argv[1:] if argv is None else argv, own)
+    except UnknownFlag as exc:
+        parser.error(str(exc))
+    args = parser.parse_args(rest)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # libllama's own log (the loader's metadata dump, ...) only when asked for with --verbose.
@@ -73,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, spec.dest)
         if not spec.effective and value not in (None, False):
             log.warning("--%s has no effect on this engine; ignored", spec.long)
+    for flag, _ in foreign:
+        log.warning("--%s (a llama-server flag) has no effect on this engine; ignored", flag.long)
     try:
         settings = ServeSettings.from_args(args)
         sock = serving.listening_socket(args.host, args.port)

@@ -10,6 +10,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from child.foreign_flags import foreign_flag
 from router.errors import ConfigError
 from router.gguf_files import is_main_gguf, pick_projector, strip_shard
 from router.hf_cache import list_cached_models
@@ -63,6 +64,8 @@ class ModelSpec:
             if isinstance(value, bool):
                 if value:
                     args.append(f"--{key}")
+            elif (flag := foreign_flag(f"--{key}")) is not None and flag.values > 1:
+                args.extend([f"--{key}", *str(value).split()])  # llama-server's two-value flags
             else:
                 args.extend([f"--{key}", str(value)])
         return args

@@ -16,11 +16,19 @@ configparser so that every error can name its line.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from child.arguments import find_arg
+from child.foreign_flags import foreign_preset_key
 from router.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# llama-server flags that configure the router (or the server as a whole), not a model.
+ROUTER_OWN_KEYS = frozenset({"host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file",
+                             "api-prefix", "threads-http", "timeout", "path", "webui", "ui", "no-ui", "no-webui"})
 
 GLOBAL_SECTION = "*"
 
@@ -113,9 +121,19 @@ def parse_preset_text(text: str, path: Path) -> PresetFile:
             current.router_options[normalized] = value
             continue
         spec = find_arg(key) or find_arg(normalized)
-        if spec is None or spec.long in ("host", "port"):
+        if spec is not None and spec.long not in ("host", "port"):
+            current.options[spec.long] = parse_bool(value, where) if not spec.takes_value else value
+            continue
+        # Any other llama-server flag goes to the child as given, as llama.cpp's router does; the
+        # router's own options (host, port, models-*, api keys) mean nothing in a section.
+        foreign = foreign_preset_key(key) if spec is None else None
+        if foreign is None:
             raise ConfigError(f"{where}: unknown key '{key}'")
-        current.options[spec.long] = parse_bool(value, where) if not spec.takes_value else value
+        if foreign.long in ROUTER_OWN_KEYS or foreign.long.startswith("models-"):
+            log.warning("%s: '%s' is a router option, not a model's: ignored here (give it on the command line)",
+                        where, key)
+            continue
+        current.options[foreign.long] = parse_bool(value, where) if foreign.values == 0 else value
     return PresetFile(path, global_section, sections)
 
 

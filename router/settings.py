@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from child.arguments import CHILD_ARGS, ArgSpec
+from child.foreign_flags import UnknownFlag, as_options, extract_foreign
 from router.errors import ConfigError
 
 # Child flags that the router sets itself for each child; not accepted as global overrides.
@@ -122,7 +124,15 @@ def _spec_by_dest(dest: str) -> ArgSpec:
 
 def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, str]:
     """Parse the command line; return the settings and the log level."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Like llama.cpp's router: any llama-server flag the router does not know goes to every child
+    # as given (modelyard's child names those it has no use for in its log).
+    try:
+        rest, foreign = extract_foreign(list(sys.argv[1:] if argv is None else argv),
+                                        set(parser._option_string_actions))
+    except UnknownFlag as exc:
+        parser.error(str(exc))
+    args = parser.parse_args(rest)
     # As llama-server: --api-key is a comma-separated list, --api-key-file adds one key a line.
     api_keys = [k.strip() for k in (args.api_key or "").split(",") if k.strip()]
     if args.api_key_file:
@@ -138,6 +148,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
         if key.startswith("child__"):
             spec = _spec_by_dest(key.removeprefix("child__"))
             child_args[spec.long] = value if isinstance(value, bool) else str(value)
+    child_args.update(as_options(foreign))
     sleep = child_args.get("sleep-idle-seconds")
     env_sleep = _env("LLAMA_ARG_SLEEP_IDLE_SECONDS")
     if sleep is None and env_sleep is not None:

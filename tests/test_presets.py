@@ -165,3 +165,14 @@ def test_preset_default_file_serves_the_two_bundled_models() -> None:
     assert set(specs) == {"smollm2", "gemma3-270m"}
     assert specs["smollm2"].load_on_startup
     assert specs["gemma3-270m"].options["chat-template"] == "gemma"
+
+
+def test_preset_llama_server_keys_pass_to_the_child(tmp_path: Path) -> None:
+    path = tmp_path / "llama.ini"
+    path.write_text("version = 1\n[*]\nmodels-max = 2\ncache-ram = 0\nno-slots = true\n"
+                    "[a]\nmodel = x.gguf\nLLAMA_ARG_CACHE_TYPE_K = q8_0\ncontrol-vector-layer-range = 1 4\n")
+    preset = load_preset_file(path)
+    section = preset.sections[0]
+    assert section.options["cache-type-k"] == "q8_0"
+    assert section.options["control-vector-layer-range"] == "1 4"
+    assert preset.global_section.options == {"cache-ram": "0", "no-slots": True}  # models-max: the router's

@@ -211,3 +211,26 @@ def test_router_real_chat_with_smollm2_names_paris(start_router, smollm2_model: 
         messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert streamed == text
+
+
+def test_router_passes_llama_server_flags_it_does_not_know_to_the_children(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"]), "--no-slots", "--no-jinja", "--offline", "--metrics",
+                          "-ctk", "q8_0", "--log-colors", "off")
+    response = router.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT})
+    assert response.status_code == 200, response.text
+    args = router.model_entry("tiny")["status"]["args"]
+    for flag in ("--no-slots", "--no-jinja", "--offline", "--metrics"):
+        assert flag in args
+    assert args[args.index("--cache-type-k") + 1] == "q8_0"
+    assert args[args.index("--log-colors") + 1] == "off"
+    assert "--cache-type-k (a llama-server flag) has no effect on this engine" in router.log_text()
+
+
+def test_router_refuses_a_flag_nobody_knows(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "router", "--port", "0", "--no-such-flag"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--no-such-flag" in result.stderr
