@@ -106,7 +106,7 @@ def find_arg(key: str) -> ArgSpec | None:
 
 def build_parser(prog: str = "modelyard-child") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Serve one GGUF model over an OpenAI-compatible HTTP API."
+        prog=prog, description="Serve one GGUF model over an OpenAI-compatible HTTP API.", allow_abbrev=False,
     )
     for spec in CHILD_ARGS:
         help_text = spec.help + ("" if spec.effective else " (accepted for llama-server, no effect)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from child.arguments import find_arg
 from child.llama_server_flags import LLAMA_SERVER_FLAGS
 
 
@@ -16,26 +17,52 @@ class UnknownFlag(ValueError):
     pass
 
 
+# llama-server flags about the server as a whole, never a model's: the router has its own (or
+# lacks them, which is then said at startup); a preset section ignores them; and none may reach a
+# child, where secrets would show in `ps`, /models and /running.
+SERVER_LEVEL = frozenset({
+    "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "api-prefix", "path",
+    "threads-http", "reuse-port", "version", "help", "hf-token", "timeout", "ui", "no-ui", "ui-config",
+    "ui-config-file", "models-dir", "models-preset", "models-max", "models-autoload", "no-models-autoload",
+    "sleep-idle-seconds", "stop-idle-seconds", "cache-list", "completion-bash", "list-devices",
+})
+
+
 @dataclass(frozen=True)
 class ForeignFlag:
     long: str  # the long name it is passed on as, without dashes: "cache-type-k", "no-slots"
     values: int  # how many values follow it
-    value_optional: bool
+
+    @property
+    def server_level(self) -> bool:
+        return self.long in SERVER_LEVEL
+
+
+def _negative(name: str, names: tuple[str, ...]) -> bool:
+    """`--no-slots`, `-no-kvu`, and the short forms of a negative (`-nkvo`, `-nr`, `-nocb` beside
+    `--no-kv-offload`, ...)."""
+    bare = name.lstrip("-")
+    if bare.startswith("no-"):
+        return True
+    has_negative = any(n.startswith("--no-") for n in names)
+    return (has_negative and not name.startswith("--") and bare.startswith("n")
+            and not names[0].lstrip("-").startswith("n"))
 
 
 def _index() -> tuple[dict[str, ForeignFlag], dict[str, ForeignFlag]]:
     by_name: dict[str, ForeignFlag] = {}
     by_env: dict[str, ForeignFlag] = {}
-    for names, values, optional, env in LLAMA_SERVER_FLAGS:
+    for names, values, env in LLAMA_SERVER_FLAGS:
         longs = [n[2:] for n in names if n.startswith("--")] or [names[-1].lstrip("-")]
-        positive = next((n for n in longs if not n.startswith("no-")), longs[0])
+        # A flag modelyard's child has under one of its spellings is passed on under the child's
+        # own name (`--predict` is the child's `--n-predict`).
+        own = next((spec.long for n in longs if (spec := find_arg(n)) is not None), None)
+        positive = own or next((n for n in longs if not n.startswith("no-")), longs[0])
         negative = next((n for n in longs if n.startswith("no-")), positive)
         for name in names:
-            bare = name.lstrip("-")
-            chosen = negative if bare.startswith("no-") else positive
-            by_name[name] = ForeignFlag(chosen, values, optional)
+            by_name[name] = ForeignFlag(negative if _negative(name, names) else positive, values)
         if env:
-            by_env[env] = ForeignFlag(positive, values, optional)
+            by_env[env] = ForeignFlag(positive, values)
     return by_name, by_env
 
 
@@ -61,7 +88,7 @@ def split_foreign(tokens: list[str]) -> list[tuple[ForeignFlag, list[str]]]:
     i = 0
     while i < len(tokens):
         token = tokens[i]
-        name, _, attached = token.partition("=") if token.startswith("--") else (token, "", "")
+        name, _, attached = token.partition("=")
         flag = foreign_flag(name)
         if flag is None:
             raise UnknownFlag(f"unrecognized argument: {token}" if token.startswith("-")
@@ -69,39 +96,36 @@ def split_foreign(tokens: list[str]) -> list[tuple[ForeignFlag, list[str]]]:
         i += 1
         if attached:
             values = [attached]
-        elif flag.value_optional:
-            values = [tokens[i]] if i < len(tokens) and not tokens[i].startswith("-") else []
         else:
             values = tokens[i: i + flag.values]
-            if len(values) < flag.values:
+            if len(values) < flag.values or any(v.startswith("--") or foreign_flag(v) for v in values):
                 raise UnknownFlag(f"{name} expects {flag.values} value(s)")
-        i += len(values) - (0 if not attached else 1)
+            i += len(values)
         groups.append((flag, values))
     return groups
 
 
 def extract_foreign(argv: list[str], own: set[str]) -> tuple[list[str], list[tuple[ForeignFlag, list[str]]]]:
-    """(argv without llama-server's flags we do not have, those flags with their values). Taken out
-    before argparse sees them: argparse would read `-ctk q8_0` as `-c tk` and a stray `q8_0`."""
+    """(argv for argparse, llama-server's flags we do not have with their values). Taken out before
+    argparse sees them: it would read `-ctk q8_0` as `-c tk` and a stray `q8_0`. Another spelling
+    of one of our own flags is rewritten to ours (`--predict 7` -> `--n-predict 7`)."""
     rest: list[str] = []
     foreign: list[tuple[ForeignFlag, list[str]]] = []
     i = 0
     while i < len(argv):
         token = argv[i]
-        name = token.partition("=")[0] if token.startswith("--") else token
-        if name in own or foreign_flag(name) is None:
+        name = token.partition("=")[0]
+        flag = foreign_flag(name)
+        if name in own or flag is None:
             rest.append(token)
             i += 1
             continue
-        end = i + 1
-        flag = foreign_flag(name)
-        assert flag is not None
-        if "=" not in token:
-            if flag.value_optional:
-                end += 1 if end < len(argv) and not argv[end].startswith("-") else 0
+        end = i + 1 + (0 if "=" in token else flag.values)
+        for group in split_foreign(argv[i:end]):
+            if f"--{group[0].long}" in own:
+                rest += [f"--{group[0].long}", *group[1]]
             else:
-                end += flag.values
-        foreign += split_foreign(argv[i:end])
+                foreign.append(group)
         i = end
     return rest, foreign
 

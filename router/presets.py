@@ -26,9 +26,6 @@ from router.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# llama-server flags that configure the router (or the server as a whole), not a model.
-ROUTER_OWN_KEYS = frozenset({"host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file",
-                             "api-prefix", "threads-http", "timeout", "path", "webui", "ui", "no-ui", "no-webui"})
 
 GLOBAL_SECTION = "*"
 
@@ -129,7 +126,7 @@ def parse_preset_text(text: str, path: Path) -> PresetFile:
         foreign = foreign_preset_key(key) if spec is None else None
         if foreign is None:
             raise ConfigError(f"{where}: unknown key '{key}'")
-        if foreign.long in ROUTER_OWN_KEYS or foreign.long.startswith("models-"):
+        if foreign.server_level or foreign.long.startswith("models-"):
             log.warning("%s: '%s' is a router option, not a model's: ignored here (give it on the command line)",
                         where, key)
             continue

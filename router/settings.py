@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelyard",
         description="Serve many local GGUF models behind one OpenAI-compatible endpoint.",
+        allow_abbrev=False,  # else `-m x.gguf` would be taken for `-mm` (--mmproj), and so on
     )
     router = parser.add_argument_group("router")
     router.add_argument("--host", default=_env("LLAMA_ARG_HOST", "127.0.0.1"))
@@ -127,17 +128,31 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
     parser = build_parser()
     # Like llama.cpp's router: any llama-server flag the router does not know goes to every child
     # as given (modelyard's child names those it has no use for in its log).
+    # The child flags the router sets itself (-m, --alias, ...) stay "own": argparse refuses them.
+    own = set(parser._option_string_actions) | {name for spec in CHILD_ARGS for name in spec.names}
     try:
-        rest, foreign = extract_foreign(list(sys.argv[1:] if argv is None else argv),
-                                        set(parser._option_string_actions))
+        rest, foreign = extract_foreign(list(sys.argv[1:] if argv is None else argv), own)
     except UnknownFlag as exc:
         parser.error(str(exc))
+    server_level = [flag.long for flag, _ in foreign if flag.server_level]
+    if server_level:
+        parser.error(f"--{server_level[0]} is a llama-server option this router does not have")
+    if source := next((f.long for f, _ in foreign if f.long in ("hf-repo", "hf-file", "model-url", "docker-repo")),
+                      None):
+        parser.error(f"--{source}: each model's file and name come from presets or --models-dir")
+    per_model = {name for spec in CHILD_ARGS if spec.long in ("model", "alias") for name in spec.names}
+    if given := next((t for t in rest if t.partition("=")[0] in per_model), None):
+        # (argparse would take `-m` for a prefix of `-mm`, --mmproj.)
+        parser.error(f"{given}: each model's file and name come from presets or --models-dir")
     args = parser.parse_args(rest)
     # As llama-server: --api-key is a comma-separated list, --api-key-file adds one key a line.
     api_keys = [k.strip() for k in (args.api_key or "").split(",") if k.strip()]
+    if args.api_key is not None and not api_keys:
+        raise ConfigError("--api-key holds no key")
     if args.api_key_file:
         try:
-            from_file = [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
+            lines = Path(args.api_key_file).read_text(encoding="utf-8-sig").splitlines()
+            from_file = [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]  # comments
         except OSError as exc:
             raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {exc}") from exc
         if not from_file:

@@ -176,3 +176,53 @@ def test_preset_llama_server_keys_pass_to_the_child(tmp_path: Path) -> None:
     assert section.options["cache-type-k"] == "q8_0"
     assert section.options["control-vector-layer-range"] == "1 4"
     assert preset.global_section.options == {"cache-ram": "0", "no-slots": True}  # models-max: the router's
+
+
+@pytest.mark.parametrize(("argv", "child_args"), [
+    (["-nkvo", "-nr", "-nocb"], {"no-kv-offload": True, "no-repack": True, "no-cont-batching": True}),
+    (["--predict", "7"], {"n-predict": "7"}),  # another spelling of one of the child's own flags
+    (["-ctk=q8_0", "-n", "-1"], {"cache-type-k": "q8_0", "n-predict": "-1"}),
+    (["--fit", "on", "--no-slots"], {"fit": "on", "no-slots": True}),
+    (["-hft", "SECRET"], {}),  # the router's own --hf-token, never a child's
+])
+def test_preset_router_command_line_llama_server_flags(argv: list[str], child_args: dict[str, object]) -> None:
+    from router.settings import settings_from_args
+
+    settings, _ = settings_from_args(argv)
+    assert settings.global_child_args == child_args
+    assert settings.hf_token == ("SECRET" if "-hft" in argv else None)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-m", "x.gguf"], "each model's file and name come from presets or --models-dir"),
+    (["--alias", "x"], "each model's file and name come from presets or --models-dir"),
+    (["--hf-repo", "user/repo"], "each model's file and name come from presets or --models-dir"),
+    (["--ssl-key-file", "k.pem"], "--ssl-key-file is a llama-server option this router does not have"),
+    (["--fit", "--no-slots"], "--fit expects 1 value(s)"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_preset_router_command_line_refusals(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from router.settings import settings_from_args
+
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_preset_server_options_in_a_section_never_reach_the_child(tmp_path: Path) -> None:
+    path = tmp_path / "secret.ini"
+    path.write_text("[*]\nhf-token = SECRET\napi-key = k\nssl-key-file = k.pem\n[a]\nmodel = x.gguf\n")
+    preset = load_preset_file(path)
+    assert preset.global_section.options == {} and preset.sections[0].options == {"model": "x.gguf"}
+
+
+def test_preset_api_keys_skip_comments_and_an_empty_list(tmp_path: Path) -> None:
+    from router.settings import settings_from_args
+
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes("\ufeffalpha\r\n# the production keys\r\nbeta\r\n".encode())
+    settings, _ = settings_from_args(["--api-key-file", str(keys)])
+    assert settings.api_keys == ("alpha", "beta")
+    with pytest.raises(ConfigError, match="--api-key holds no key"):
+        settings_from_args(["--api-key", " , "])

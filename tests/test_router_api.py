@@ -115,6 +115,9 @@ def test_router_llama_swap_running_and_unload_all(start_router, tiny_model: Path
     assert unload.status_code == 200 and unload.text == "OK"
     assert router.status("tiny-c") == "unloaded"
     assert client.post("/models/unload").json() == {"success": True}  # no body at all
+    # Something named, but not as `model`: a 400, never everything.
+    for body in ({"model": None}, {"name": "tiny-a"}):
+        assert client.post("/models/unload", json=body).status_code == 400
 
 
 def test_router_no_autoload_refuses_unloaded_models(start_router, tiny_model: Path) -> None:

@@ -52,7 +52,7 @@ async def unload_model(request: Request) -> dict[str, Any]:
     """Stop a model; without a `model` field, every running model (as llama-swap's /unload)."""
     raw = await request.body()
     _, data = await json_body(request) if raw.strip() else (raw, {})
-    if data.get("model") is None:
+    if data == {}:  # nothing named at all; {"model": null} or {"name": ...} is a 400 below
         await registry_of(request).unload_all()
         return {"success": True}
     name = required_model_field(data, "model name is missing from the request")
