@@ -30,7 +30,7 @@ from child.engine.constraints import (
 )
 from child.engine.requests import Delta, Done, Failed, TokenLogprob
 from child.generation import Generation
-from child.openai_http import error_body
+from child.openai_http import error_body, error_response
 from child.openai_schema import ChatCompletionBody, CompletionBody, GenerationBody, RequestError
 from child.runtime import ChildRuntime
 from child.serving import cancelled_if_client_leaves
@@ -69,10 +69,6 @@ class Plan:
 def sse(data: dict[str, Any] | str) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
-
-
-def error_response(status: int, message: str, error_type: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, error_type), status_code=status)
 
 
 # -- planning ------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import json
 import re
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
                499: "invalid_request_error", 500: "server_error", 502: "server_error", 503: "unavailable_error",
@@ -20,6 +22,11 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 def error_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
     kind = error_type or ERROR_TYPES.get(status, "server_error")
     return {"error": {"code": status, "message": message, "type": kind}}
+
+
+def error_response(status: int, message: str, error_type: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, error_type), status_code=status, headers=headers)
 
 
 def error_bytes(status: int, message: str, error_type: str | None = None) -> bytes:

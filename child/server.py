@@ -18,7 +18,7 @@ from child.completions import answer, plan_chat, plan_completion, render_chat
 from child.engine.llama_model import BUILD_INFO, LlamaModel
 from child.engine.scheduler import EngineStopped
 from child.metrics import metrics_registry
-from child.openai_http import error_body
+from child.openai_http import error_response
 from child.openai_schema import (
     ChatCompletionBody,
     CompletionBody,
@@ -33,11 +33,6 @@ from child.serving import ClientDisconnected, fastapi_options
 from child.stream_routes import build_router, conversation_id_of
 
 log = logging.getLogger(__name__)
-
-def error_response(status: int, message: str, error_type: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, error_type), status_code=status, headers=headers)
-
 
 def create_app(runtime: ChildRuntime) -> FastAPI:
     app = FastAPI(title="modelyard child", docs_url=None, redoc_url=None, **fastapi_options())

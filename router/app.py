@@ -20,7 +20,7 @@ from router.auth import ApiKeyMiddleware
 from router.body_limit import BodyLimitMiddleware
 from router.conversations import ConversationMap
 from router.downloads import Downloads
-from router.errors import RouterError, error_json, error_response_for
+from router.errors import RouterError, error_response, error_response_for
 from router.events import EventHub
 from router.fast_path import ProxiedPostsFastPath
 from router.idle_reaper import reap_idle_models
@@ -75,11 +75,11 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "server_error")
-        return error_json(exc.status_code, str(exc.detail), kind)
+        return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return error_json(400, str(exc.errors()[0].get("msg", "invalid request")), "invalid_request_error")
+        return error_response(400, str(exc.errors()[0].get("msg", "invalid request")), "invalid_request_error")
 
     app.include_router(health.router)
     app.include_router(models.router)
@@ -96,7 +96,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     async def _get_with_model(request: Request, path: str) -> Response:
         if request.query_params.get("model"):
             return await openai.proxy_get(request)
-        return error_json(404, f"no route GET /{path}", "not_found_error")
+        return error_response(404, f"no route GET /{path}", "not_found_error")
 
     return app
 

@@ -6,7 +6,7 @@ import logging
 
 from fastapi.responses import JSONResponse, Response
 
-from child.openai_http import error_body
+from child.openai_http import error_response
 from child.serving import ClientDisconnected
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ class RouterError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_json(self.status, self.message, self.error_type, self.headers)
+        return error_response(self.status, self.message, self.error_type, self.headers)
 
 
 class InvalidRequest(RouterError):
@@ -69,11 +69,6 @@ def error_response_for(exc: Exception) -> Response:
         return exc.response()
     if isinstance(exc, ClientDisconnected):
         # Nobody reads this: nginx's 499 says in logs that the client closed the request.
-        return error_json(499, "the client disconnected", "invalid_request_error")
+        return error_response(499, "the client disconnected", "invalid_request_error")
     log.error("unexpected error", exc_info=exc)
-    return error_json(500, f"internal error: {type(exc).__name__}", "server_error")
-
-
-def error_json(status: int, message: str, error_type: str,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, error_type), status_code=status, headers=headers)
+    return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
