@@ -41,10 +41,11 @@ class EmbeddingQueue:
         """Inputs still to compute for clients that are still there."""
         return sum(len(job.inputs) - len(job.vectors) for job in self._jobs if not job.future.cancelled())
 
-    def take_all(self) -> list[EmbedJob]:
-        jobs = list(self._jobs)
-        self._jobs.clear()
-        return jobs
+    def fail_all(self, error: Exception) -> None:
+        """Every waiting request ends with `error` (no embedding context, or the engine stops)."""
+        jobs, self._jobs = self._jobs, collections.deque()
+        for job in jobs:
+            _end_with(job, error)
 
     def next_batch(self, budget: int) -> list[tuple[EmbedJob, list[int]]]:
         """The next inputs for one decode: at most MAX_SEQUENCES of them and `budget` tokens in
@@ -78,10 +79,10 @@ class EmbeddingQueue:
         self._pop_finished()
 
     def fail(self, batch: list[tuple[EmbedJob, list[int]]], error: Exception) -> None:
+        """The requests of a decode that failed end with `error`."""
         for job in {id(job): job for job, _ in batch}.values():
             self._jobs.remove(job)
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(error)
+            _end_with(job, error)
 
     def _pop_finished(self) -> None:
         """Answer every job whose vectors are all there (a small one packed beside a large one
@@ -91,3 +92,8 @@ class EmbeddingQueue:
             self._jobs.remove(job)
             if job.future.set_running_or_notify_cancel():
                 job.future.set_result(job.vectors)
+
+
+def _end_with(job: EmbedJob, error: Exception) -> None:
+    if job.future.set_running_or_notify_cancel():  # False: its client left, nobody waits
+        job.future.set_exception(error)

@@ -84,8 +84,7 @@ class EmbeddingContext:
             raise EmbeddingError("more inputs than one embedding batch holds")
         n = 0
         starts: list[int] = []
-        for seq, tokens in enumerate(inputs):
-            check_input(tokens, self.batch_tokens)
+        for seq, tokens in enumerate(inputs):  # each one checked by the route (check_input)
             starts.append(n)
             n = add_to_batch(self._batch, n, seq, 0, tokens, logits_for_last=True)
             if self.pooling == "none":  # every token's vector is read, not one pooled one
@@ -130,5 +129,5 @@ def normalize(vector: np.ndarray, kind: int) -> np.ndarray:
     elif kind == 2:
         norm = float(np.sqrt(np.square(vector.astype(np.float64)).sum()))
     else:
-        norm = float(np.power(np.abs(vector.astype(np.float64)) ** kind, 1.0).sum() ** (1.0 / kind))
+        norm = float((np.abs(vector.astype(np.float64)) ** kind).sum() ** (1.0 / kind))
     return vector / norm if norm > 0 else vector

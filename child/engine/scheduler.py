@@ -174,10 +174,7 @@ class Scheduler:
                 self._embedder = EmbeddingContext(model, self.embedding_settings)
             except EmbeddingError as exc:
                 with self._cv:
-                    jobs = self._embeddings.take_all()
-                for job in jobs:
-                    if job.future.set_running_or_notify_cancel():
-                        job.future.set_exception(exc)
+                    self._embeddings.fail_all(exc)
                 return
         # One decode per turn of the loop, so generation steps go on between them; the queue is
         # touched under the lock (submitters append to it), the decode runs outside it.
@@ -202,10 +199,6 @@ class Scheduler:
     def embedding_inputs_queued(self) -> int:
         with self._cv:
             return self._embeddings.pending_inputs()
-
-    @property
-    def embedding_pooling(self) -> str | None:
-        return self._embedder.pooling if self._embedder is not None else None
 
     def call(self, work: Callable[[LlamaModel], T]) -> concurrent.futures.Future[T]:
         """Run `work(model)` on the scheduler thread between two steps (waking a sleeping model).
@@ -352,8 +345,6 @@ class Scheduler:
         slot.prompt = tokens
         slot.prompt_pos = reuse
         slot.n_reused = reuse
-        slot.generated = 0
-        slot.next_token = -1
         self._prepare_choice(slot, request, tokens, choice=0)
         self.stats.requests_total += 1
 
@@ -575,10 +566,10 @@ class Scheduler:
         with self._cv:
             pending = [r for r, _ in self._waiting] + list(self._incoming)
             calls, self._calls = self._calls, []
-            embed_jobs = self._embeddings.take_all()
+            self._embeddings.fail_all(EngineStopped(message))
             self._waiting.clear()
             self._incoming.clear()
-        for future in [f for _, f in calls] + [job.future for job in embed_jobs]:
+        for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineStopped(message))
         for request in pending:
