@@ -66,12 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     # user's flags on as they are) and named once in the log.
     own = set(parser._option_string_actions)
     try:
-        rest, foreign = extract_foreign(sys.argv[1:] if argv is None else argv, own)
+        rest, foreign = extract_foreign(sys.argv[1:] if argv is None else argv, own, "modelyard-child")
     except UnknownFlag as exc:
         parser.error(str(exc))
-    server_level = [flag.long for flag, _ in foreign if flag.server_level]
-    if server_level:  # an --api-key or --ssl-key-file ignored would leave the server open
-        parser.error(f"--{server_level[0]} is a llama-server option modelyard-child does not have")
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -81,52 +81,37 @@ def foreign_preset_key(key: str) -> ForeignFlag | None:
     return _BY_NAME.get("--" + bare) or _BY_NAME.get("--" + bare.replace("_", "-")) or _BY_ENV.get(bare)
 
 
-def split_foreign(tokens: list[str]) -> list[tuple[ForeignFlag, list[str]]]:
-    """Command-line tokens that are llama-server flags with their values; UnknownFlag names the
-    first token that is neither."""
-    groups: list[tuple[ForeignFlag, list[str]]] = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        name, _, attached = token.partition("=")
-        flag = foreign_flag(name)
-        if flag is None:
-            raise UnknownFlag(f"unrecognized argument: {token}" if token.startswith("-")
-                              else f"unexpected value: {token}")
-        i += 1
-        if attached:
-            values = [attached]
-        else:
-            values = tokens[i: i + flag.values]
-            if len(values) < flag.values or any(v.startswith("--") or foreign_flag(v) for v in values):
-                raise UnknownFlag(f"{name} expects {flag.values} value(s)")
-            i += len(values)
-        groups.append((flag, values))
-    return groups
-
-
-def extract_foreign(argv: list[str], own: set[str]) -> tuple[list[str], list[tuple[ForeignFlag, list[str]]]]:
+def extract_foreign(argv: list[str], own: set[str], program: str
+                    ) -> tuple[list[str], list[tuple[ForeignFlag, list[str]]]]:
     """(argv for argparse, llama-server's flags we do not have with their values). Taken out before
     argparse sees them: it would read `-ctk q8_0` as `-c tk` and a stray `q8_0`. Another spelling
-    of one of our own flags is rewritten to ours (`--predict 7` -> `--n-predict 7`)."""
+    of one of our own flags is rewritten to ours (`--predict 7` -> `--n-predict 7`). UnknownFlag
+    for a server-wide option `program` lacks (ignoring an --api-key would leave it open) and for
+    a flag without its values."""
     rest: list[str] = []
     foreign: list[tuple[ForeignFlag, list[str]]] = []
     i = 0
     while i < len(argv):
         token = argv[i]
-        name = token.partition("=")[0]
+        name, equals, attached = token.partition("=")
         flag = foreign_flag(name)
         if name in own or flag is None:
             rest.append(token)
             i += 1
             continue
-        end = i + 1 + (0 if "=" in token else flag.values)
-        for group in split_foreign(argv[i:end]):
-            if f"--{group[0].long}" in own:
-                rest += [f"--{group[0].long}", *group[1]]
-            else:
-                foreign.append(group)
-        i = end
+        if attached:
+            values = [attached]
+        else:
+            values = [] if equals else argv[i + 1: i + 1 + flag.values]
+            if len(values) < flag.values or any(v.startswith("--") or foreign_flag(v) for v in values):
+                raise UnknownFlag(f"{name} expects {flag.values} value(s)")
+        i += 1 + (0 if equals else flag.values)
+        if f"--{flag.long}" in own:
+            rest += [f"--{flag.long}", *values]
+        elif flag.server_level:
+            raise UnknownFlag(f"--{flag.long} is a llama-server option {program} does not have")
+        else:
+            foreign.append((flag, values))
     return rest, foreign
 
 

@@ -131,18 +131,15 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
     # The child flags the router sets itself (-m, --alias, ...) stay "own": argparse refuses them.
     own = set(parser._option_string_actions) | {name for spec in CHILD_ARGS for name in spec.names}
     try:
-        rest, foreign = extract_foreign(list(sys.argv[1:] if argv is None else argv), own)
+        rest, foreign = extract_foreign(list(sys.argv[1:] if argv is None else argv), own, "this router")
     except UnknownFlag as exc:
         parser.error(str(exc))
-    server_level = [flag.long for flag, _ in foreign if flag.server_level]
-    if server_level:
-        parser.error(f"--{server_level[0]} is a llama-server option this router does not have")
-    if source := next((f.long for f, _ in foreign if f.long in ("hf-repo", "hf-file", "model-url", "docker-repo")),
-                      None):
-        parser.error(f"--{source}: each model's file and name come from presets or --models-dir")
+    # A model's own file or name has no place here (and argparse would take `-m` for a prefix of
+    # `-mm`, --mmproj).
     per_model = {name for spec in CHILD_ARGS if spec.long in ("model", "alias") for name in spec.names}
-    if given := next((t for t in rest if t.partition("=")[0] in per_model), None):
-        # (argparse would take `-m` for a prefix of `-mm`, --mmproj.)
+    given = next((f"--{f.long}" for f, _ in foreign if f.long in ("hf-repo", "hf-file", "model-url", "docker-repo")),
+                 None) or next((t for t in rest if t.partition("=")[0] in per_model), None)
+    if given:
         parser.error(f"{given}: each model's file and name come from presets or --models-dir")
     args = parser.parse_args(rest)
     # As llama-server: --api-key is a comma-separated list, --api-key-file adds one key a line.
