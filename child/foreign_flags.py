@@ -23,8 +23,7 @@ class UnknownFlag(ValueError):
 SERVER_LEVEL = frozenset({
     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "api-prefix", "path",
     "threads-http", "reuse-port", "version", "help", "hf-token", "timeout", "ui", "no-ui", "ui-config",
-    "ui-config-file", "models-dir", "models-preset", "models-max", "models-autoload", "no-models-autoload",
-    "sleep-idle-seconds", "stop-idle-seconds", "cache-list", "completion-bash", "list-devices",
+    "ui-config-file", "sleep-idle-seconds", "stop-idle-seconds", "cache-list", "completion-bash", "list-devices",
 })
 
 
@@ -35,7 +34,7 @@ class ForeignFlag:
 
     @property
     def server_level(self) -> bool:
-        return self.long in SERVER_LEVEL
+        return self.long in SERVER_LEVEL or self.long.startswith(("models-", "no-models-"))  # router mode's
 
 
 def _negative(name: str, names: tuple[str, ...]) -> bool:

@@ -126,7 +126,7 @@ def parse_preset_text(text: str, path: Path) -> PresetFile:
         foreign = foreign_preset_key(key) if spec is None else None
         if foreign is None:
             raise ConfigError(f"{where}: unknown key '{key}'")
-        if foreign.server_level or foreign.long.startswith("models-"):
+        if foreign.server_level:
             log.warning("%s: '%s' is a router option, not a model's: ignored here (give it on the command line)",
                         where, key)
             continue
