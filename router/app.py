@@ -28,7 +28,7 @@ from router.memory_sampler import sample_resident_memory
 from router.model_sources import ModelSpec
 from router.proxy import make_client
 from router.registry import Registry
-from router.routes import health, models, openai, streams
+from router.routes import health, models, openai, passthrough, streams
 from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     async def _dashboard() -> FileResponse:
         return FileResponse(dashboard, media_type="text/html")
 
-    @app.get("/{path:path}", include_in_schema=False)
-    async def _get_with_model(request: Request, path: str) -> Response:
-        if request.query_params.get("model"):
-            return await openai.proxy_get(request)
-        return error_response(404, f"no route GET /{path}", "not_found_error")
+    app.include_router(passthrough.router)  # last: it takes whatever the routes above do not
 
     return app
 

@@ -94,16 +94,26 @@ def main() -> None:
             else:
                 self._json(200, {"path": self.path, "model": alias})
 
+        def do_DELETE(self) -> None:  # noqa: N802 - stdlib name
+            self._json(200, {"path": self.path, "model": alias, "method": "DELETE"})
+
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
             length = int(self.headers.get("Content-Length", "0"))
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length)
+            body = json.loads(raw or b"{}") if self.headers.get("Content-Type", "").startswith("application/json") \
+                else None
+            if not isinstance(body, dict):
+                # A form, a JSON list or other body: what reached the child, for tests of the routing.
+                self._json(200, {"path": self.path, "model": alias, "method": "POST", "bytes": len(raw),
+                                 "content_type": self.headers.get("Content-Type")})
+                return
             if not body.get("stream"):
                 time.sleep(args.answer_delay)
                 self._json(200, {"object": "chat.completion", "model": alias, "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": "fake " * tokens},
                      "finish_reason": "length"}],
                     "received_authorization": self.headers.get("Authorization"),
-                    "received_expect": self.headers.get("Expect"), "tag": body.get("tag")})
+                    "received_expect": self.headers.get("Expect"), "tag": body.get("tag"), "path": self.path})
                 return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")

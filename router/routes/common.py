@@ -35,6 +35,12 @@ def model_field(data: dict[str, Any]) -> str | None:
     return value
 
 
+def model_in_query(scope: Scope) -> str | None:
+    """`?model=`, which names the model of a request whose body does not."""
+    query = scope["query_string"]
+    return parse_qs(query.decode("latin-1")).get("model", [None])[-1] if b"model" in query else None
+
+
 def required_model_field(data: dict[str, Any], missing_message: str) -> str:
     """The body's model name, or a 400 with `missing_message` (llama.cpp's wording differs by route)."""
     name = model_field(data)

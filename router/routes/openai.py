@@ -10,15 +10,18 @@ from child.protocol import CONVERSATION_HEADER, conversation_id_problem
 from router.errors import InvalidRequest
 from router.proxy import relay, target_of
 from router.routes import schemas
-from router.routes.common import lease_for, model_field
+from router.routes.common import lease_for, model_field, model_in_query
 
 router = APIRouter()
 CONVERSATION_HEADER_BYTES = CONVERSATION_HEADER.encode()
 
+# llama-server's POST routes that name their model in a JSON body (its router proxies the same).
 PROXIED_POSTS = (
-    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
-    "/v1/embeddings", "/embeddings", "/embedding", "/v1/responses", "/infill", "/tokenize", "/detokenize",
-    "/apply-template", "/v1/rerank", "/rerank",
+    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/completion",
+    "/v1/chat/completions/input_tokens", "/chat/completions/input_tokens",
+    "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/responses", "/v1/responses/input_tokens",
+    "/v1/embeddings", "/embeddings", "/embedding", "/infill", "/tokenize", "/detokenize",
+    "/apply-template", "/v1/rerank", "/rerank", "/v1/reranking", "/reranking",
 )
 
 
@@ -44,7 +47,7 @@ async def proxy_body(scope: Scope, receive: Receive, body: bytes) -> Response:
     except NotAJsonObject as exc:
         raise InvalidRequest(str(exc)) from exc
     conversation_id = conversation_of(scope)
-    lease = await lease_for(scope, receive, model_field(data))
+    lease = await lease_for(scope, receive, model_field(data) or model_in_query(scope))
     model = lease.record.name
     response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, (scope, receive))
     if conversation_id and 200 <= response.status_code < 300:
