@@ -56,8 +56,11 @@ def plan_launch(spec: ModelSpec, model_path: str) -> LaunchPlan:
     return LaunchPlan(argv, assigned)
 
 
-def child_env(router_port: int, speaks_protocol: bool) -> dict[str, str]:
+def child_env(router_port: int, spec: ModelSpec) -> dict[str, str]:
+    """The router's environment without its secrets, with the model's own `env` on top."""
     env = {k: v for k, v in os.environ.items() if k not in RESERVED_ENV}
+    env.update(spec.env)
+    speaks_protocol = spec.speaks_protocol
     if speaks_protocol:
         env[ROUTER_PORT_ENV] = str(router_port)
     else:

@@ -54,6 +54,11 @@ class GatewayTimeout(RouterError):
     error_type = "server_error"
 
 
+class TooManyRequests(RouterError):
+    status = 429
+    error_type = "rate_limit_error"
+
+
 class Unavailable(RouterError):
     status = 503
     error_type = "unavailable_error"

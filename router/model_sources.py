@@ -6,15 +6,17 @@ Each source yields ModelSpecs; precedence of options is router command line > mo
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from child.foreign_flags import foreign_flag
+from child.protocol import ROUTER_PORT_ENV
 from router.errors import ConfigError
 from router.gguf_files import is_main_gguf, pick_projector, strip_shard
 from router.hf_cache import list_cached_models
-from router.presets import PresetFile, load_preset_file, parse_bool, render_ini
+from router.presets import GLOBAL_SECTION, PresetFile, PresetSection, load_preset_file, parse_bool, render_ini
 from router.settings import RouterSettings
 
 SOURCE_PRESET = "preset"
@@ -44,6 +46,9 @@ class ModelSpec:
     load_timeout_s: float = 600.0
     pinned: bool = False
     ttl_s: float | None = None  # None: the router's --models-ttl
+    env: tuple[tuple[str, str], ...] = ()  # set in the child's environment, over the router's
+    concurrency_limit: int = 0  # requests in flight at most, beyond it a 429; 0: no limit
+    unlisted: bool = False  # served, but not in /models
 
     @property
     def speaks_protocol(self) -> bool:
@@ -96,8 +101,35 @@ def _command(router_options: dict[str, str], key: str, where: str) -> tuple[str,
         raise ConfigError(f"{where}: {key}: {exc}") from exc
 
 
+# `env = A=1, B=x,y`: a comma starts a new variable only where a NAME= follows it.
+_ENV_SPLIT = re.compile(r",\s*(?=[A-Za-z_][A-Za-z0-9_]*=)")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_env(value: str, where: str) -> dict[str, str]:
+    variables: dict[str, str] = {}
+    for item in _ENV_SPLIT.split(value.strip()):
+        name, equals, text = item.strip().partition("=")
+        if not equals or not _ENV_NAME.fullmatch(name.strip()):
+            raise ConfigError(f"{where}: env: expected NAME=value, got {item.strip()!r}")
+        if name.strip() == ROUTER_PORT_ENV:
+            raise ConfigError(f"{where}: env: {ROUTER_PORT_ENV} is set by the router itself")
+        variables[name.strip()] = text.strip()
+    return variables
+
+
+def _count(router_options: dict[str, str], key: str, where: str) -> int:
+    try:
+        value = int(router_options.get(key, "0"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {key} must be a whole number") from exc
+    if value < 0:
+        raise ConfigError(f"{where}: {key} must not be negative")
+    return value
+
+
 def _make_spec(name: str, source: str, options: dict[str, str | bool], router_options: dict[str, str],
-               settings: RouterSettings, where: str) -> ModelSpec:
+               settings: RouterSettings, where: str, env: dict[str, str] | None = None) -> ModelSpec:
     merged = {**options, **settings.global_child_args}
     foreign_cmd = _command(router_options, "cmd", where)
     if not merged.get("model") and not foreign_cmd:
@@ -117,6 +149,9 @@ def _make_spec(name: str, source: str, options: dict[str, str | bool], router_op
         aliases=_split_list(merged.get("alias")), tags=_split_list(merged.get("tags")),
         load_on_startup=parse_bool(router_options.get("load-on-startup", "false"), where),
         stop_timeout_s=_seconds(router_options, "stop-timeout", settings.stop_timeout_s, where),
+        env=tuple((env or {}).items()),
+        concurrency_limit=_count(router_options, "concurrency-limit", where),
+        unlisted=parse_bool(router_options.get("unlisted", "false"), where),
         preset_ini=render_ini(name, {k: v for k, v in merged.items() if k not in _NOT_RENDERED},
                               router_options),
     )
@@ -130,17 +165,35 @@ def _resolve_relative(value: str, base: Path) -> str:
     return str((base / value).resolve())
 
 
-def specs_from_preset(preset: PresetFile, settings: RouterSettings) -> list[ModelSpec]:
+def _env_of(defaults: PresetSection, section: PresetSection | None, where: str) -> dict[str, str]:
+    """[*]'s variables, then the section's on top (each `env` line adds, it does not replace)."""
+    env = parse_env(defaults.router_options["env"], where) if "env" in defaults.router_options else {}
+    if section is not None and "env" in section.router_options:
+        env.update(parse_env(section.router_options["env"], f"{where} [{section.name}]"))
+    return env
+
+
+def specs_from_preset(preset: PresetFile, settings: RouterSettings,
+                      found: dict[str, ModelSpec] | None = None) -> list[ModelSpec]:
+    """The preset's models. A section with no model of its own that names a model found in
+    --models-dir or the HF cache (`found`) gives that model its settings, as llama.cpp's router."""
     specs = []
     base = preset.path.resolve().parent
+    defaults = preset.global_section
     for section in preset.sections:
-        options = {**preset.global_section.options, **section.options}
-        router_options = {**preset.global_section.router_options, **section.router_options}
+        where = f"{preset.path}:{section.line}"
+        options = {**defaults.options, **section.options}
+        known = (found or {}).get(section.name)
+        source = SOURCE_PRESET
+        if known is not None and "model" not in section.options and "cmd" not in section.router_options:
+            options = {**known.options, **section.options}
+            source = known.source
+        router_options = {**defaults.router_options, **section.router_options}
         for key in PATH_OPTIONS:
             if isinstance(options.get(key), str):
                 options[key] = _resolve_relative(str(options[key]), base)
-        specs.append(_make_spec(section.name, SOURCE_PRESET, options, router_options, settings,
-                                f"{preset.path}:{section.line}"))
+        specs.append(_make_spec(section.name, source, options, router_options, settings, where,
+                                _env_of(defaults, section, where)))
     return specs
 
 
@@ -153,13 +206,15 @@ def _gguf_in_folder(folder: Path) -> tuple[Path | None, Path | None]:
 
 
 def specs_from_models_dir(folder: str, settings: RouterSettings,
-                          global_options: dict[str, str | bool] | None = None) -> list[ModelSpec]:
+                          defaults: PresetSection | None = None) -> list[ModelSpec]:
+    """One model per GGUF file or sub-folder; a preset's [*] applies to each."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"--models-dir {folder} is not a folder")
+    defaults = defaults or PresetSection(GLOBAL_SECTION, 0)
     specs = []
     for entry in sorted(root.iterdir()):
-        options: dict[str, str | bool] = dict(global_options or {})
+        options: dict[str, str | bool] = dict(defaults.options)
         if entry.is_file() and is_main_gguf(entry.name):
             name = strip_shard(entry.name).removesuffix(".gguf")
             options["model"] = str(entry.resolve())
@@ -173,36 +228,40 @@ def specs_from_models_dir(folder: str, settings: RouterSettings,
                 options["mmproj"] = str(projector.resolve())
         else:
             continue
-        specs.append(_make_spec(name, SOURCE_MODELS_DIR, options, {}, settings, str(entry)))
+        specs.append(_make_spec(name, SOURCE_MODELS_DIR, options, dict(defaults.router_options), settings,
+                                str(entry), _env_of(defaults, None, str(entry))))
     return specs
 
 
-def specs_from_hf_cache(settings: RouterSettings,
-                        global_options: dict[str, str | bool] | None = None) -> list[ModelSpec]:
+def specs_from_hf_cache(settings: RouterSettings, defaults: PresetSection | None = None) -> list[ModelSpec]:
+    """The models downloaded into the Hugging Face cache; a preset's [*] applies to each."""
+    defaults = defaults or PresetSection(GLOBAL_SECTION, 0)
     specs = []
     for cached in list_cached_models():
-        options: dict[str, str | bool] = {**(global_options or {}), "model": cached.model_path}
+        options: dict[str, str | bool] = {**defaults.options, "model": cached.model_path}
         if cached.projector_path:
             options["mmproj"] = cached.projector_path
-        specs.append(_make_spec(cached.name, SOURCE_CACHE, options, {}, settings, f"HF cache {cached.repo_id}"))
+        where = f"HF cache {cached.repo_id}"
+        specs.append(_make_spec(cached.name, SOURCE_CACHE, options, dict(defaults.router_options), settings,
+                                where, _env_of(defaults, None, where)))
     return specs
 
 
 def collect_specs(settings: RouterSettings) -> list[ModelSpec]:
     """Every model the router serves. For one name: preset over models-dir over the HF cache."""
-    by_name: dict[str, ModelSpec] = {}
+    found: dict[str, ModelSpec] = {}
     preset = load_preset_file(settings.models_preset) if settings.models_preset else None
-    for spec in specs_from_hf_cache(settings, preset.global_section.options if preset else None):
-        by_name[spec.name] = spec
+    defaults = preset.global_section if preset else None
+    for spec in specs_from_hf_cache(settings, defaults):
+        found[spec.name] = spec
     if settings.models_dir:
-        global_options = preset.global_section.options if preset else None
-        for spec in specs_from_models_dir(settings.models_dir, settings, global_options):
-            by_name[spec.name] = spec
+        for spec in specs_from_models_dir(settings.models_dir, settings, defaults):
+            found[spec.name] = spec
     if preset is not None:
-        for spec in specs_from_preset(preset, settings):
-            by_name[spec.name] = spec
-    _check_names(list(by_name.values()))
-    return list(by_name.values())
+        for spec in specs_from_preset(preset, settings, dict(found)):
+            found[spec.name] = spec
+    _check_names(list(found.values()))
+    return list(found.values())
 
 
 def _check_names(specs: list[ModelSpec]) -> None:

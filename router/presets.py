@@ -45,6 +45,11 @@ PRESET_ONLY_KEYS = (
     "pin",
     # Unloaded after this many seconds without requests (overrides --models-ttl).
     "ttl",
+    # llama-swap's: variables for the child's environment (`env = CUDA_VISIBLE_DEVICES=0, FOO=bar`),
+    # requests in flight at most (beyond it a 429), and a model that is served but not listed.
+    "env",
+    "concurrency-limit",
+    "unlisted",
 )
 
 TRUE_WORDS = {"1", "true", "on", "yes", "enabled"}

@@ -24,7 +24,7 @@ from router.admission import Admission
 from router.bundled_models import is_package_model, resolve_package_model
 from router.child_launch import CHILD_HOST, child_env, plan_launch, wait_until_http_ready
 from router.child_process import ChildProcess
-from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, Unavailable
+from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, TooManyRequests, Unavailable
 from router.events import EventHub
 from router.metrics import RouterMetrics
 from router.model_logs import ModelLogs
@@ -147,6 +147,14 @@ class Registry:
             if not autoload and not record.status.is_running:
                 raise InvalidRequest("model is not loaded")
             return None
+        return self._claim(record)
+
+    def _claim(self, record: ModelRecord) -> Lease:
+        """One more request on the model, within its `concurrency-limit` (llama-swap's 429)."""
+        limit = record.spec.concurrency_limit
+        if limit and record.in_flight >= limit:
+            raise TooManyRequests(f"model '{record.name}' already has {limit} requests in flight "
+                                  "(its concurrency-limit)", headers={"Retry-After": "1"})
         record.in_flight += 1
         record.last_used = time.monotonic()
         record.last_used_wall = time.time()
@@ -161,10 +169,7 @@ class Registry:
             # A waiting load picked this model to make room, or it is being stopped: new requests
             # queue behind that instead of keeping the model busy forever (no starvation).
             await self.room_changed()
-        record.in_flight += 1
-        record.last_used = time.monotonic()
-        record.last_used_wall = time.time()
-        lease = Lease(self, record)
+        lease = self._claim(record)
         try:
             await self._ensure_ready(record, autoload)
         except BaseException:
@@ -287,7 +292,7 @@ class Registry:
         spec = record.spec
         plan = plan_launch(spec, model_path)
         record.assigned_port = plan.assigned_port
-        child = ChildProcess(record.name, plan.argv, child_env(self.router_port, spec.speaks_protocol),
+        child = ChildProcess(record.name, plan.argv, child_env(self.router_port, spec),
                              on_state=lambda message: self._on_child_state(record, child, message),
                              on_exit=lambda code: self._on_child_exit(record, child, code),
                              speaks_protocol=spec.speaks_protocol,

@@ -4,7 +4,12 @@ unlisted models, and a packaged default preset."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import shutil
+import time
 from pathlib import Path
+
+import pytest
 
 from conftest import fake_bin, tiny_preset
 
@@ -57,3 +62,75 @@ def test_upstream_reaches_a_models_own_routes_under_any_method(start_router, tin
     assert router.status("tiny") == "loaded"
     missing = client.get("/upstream/nope/props")
     assert missing.status_code == 400 and "nope" in missing.json()["error"]["message"]
+
+
+def test_preset_env_reaches_the_child_over_the_routers_own(start_router, tiny_model: Path) -> None:
+    preset = tiny_preset(tiny_model, ["tiny"], extra="env = MODELYARD_TEST_B=two, MODELYARD_TEST_LIST=a,b,c\n")
+    preset = preset.replace("[*]\n", "[*]\nenv = MODELYARD_TEST_A=one, MODELYARD_TEST_B=global\n")
+    router = start_router(preset, env={"MODELYARD_TEST_A": "from-router", "MODELYARD_TEST_C": "kept"})
+    router.client.post("/models/load", json={"model": "tiny"})
+    router.wait_status("tiny", "loaded")
+    environ = router.child_of("tiny").environ()
+    assert environ["MODELYARD_TEST_A"] == "one"  # the preset's [*] over the router's environment
+    assert environ["MODELYARD_TEST_B"] == "two"  # the section over [*]
+    assert environ["MODELYARD_TEST_LIST"] == "a,b,c"  # a comma not followed by NAME= is in the value
+    assert environ["MODELYARD_TEST_C"] == "kept"
+
+
+def test_preset_env_errors_name_the_line(start_router, tiny_model: Path) -> None:
+    for bad, message in (("env = NOT A NAME=1", "expected NAME=value"),
+                         ("env = LLAMA_SERVER_ROUTER_PORT=1", "set by the router itself"),
+                         ("concurrency-limit = many", "whole number"), ("unlisted = maybe", "true or false")):
+        with pytest.raises(RuntimeError, match=message):
+            start_router(tiny_preset(tiny_model, ["tiny"], extra=bad + "\n"))
+
+
+def test_concurrency_limit_answers_429_beyond_it(start_router, tiny_model: Path) -> None:
+    preset = tiny_preset(tiny_model, ["tiny"]) + \
+        f"[slow]\nmodel = {tiny_model}\nbin = {fake_bin('--answer-delay', '3')}\nconcurrency-limit = 1\n"
+    router = start_router(preset)
+    router.client.post("/models/load", json={"model": "slow"})
+    router.wait_status("slow", "loaded")
+    body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(router.client.post, "/v1/chat/completions", json=body)
+        deadline = time.monotonic() + 10
+        while router.model_entry("slow")["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = router.client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "concurrency-limit" in refused.json()["error"]["message"]
+        assert first.result().status_code == 200
+    assert router.client.post("/v1/chat/completions", json=body).status_code == 200  # room again
+    # Models without a limit take any number.
+    assert router.model_entry("tiny")["status"]["value"] == "unloaded"
+
+
+def test_unlisted_models_are_served_but_not_listed(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["shown"]) + f"[hidden]\nmodel = {tiny_model}\nunlisted = true\n")
+    assert [m["id"] for m in router.client.get("/v1/models").json()["data"]] == ["shown"]
+    answer = router.client.post("/v1/completions", json={"model": "hidden", "prompt": "hi", "max_tokens": 2})
+    assert answer.status_code == 200, answer.text
+    assert router.client.get("/running").json()["running"][0]["model"] == "hidden"
+
+
+def test_preset_star_and_named_sections_apply_to_models_dir_models(start_router, tiny_model: Path,
+                                                                   tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_model, models / "alpha.gguf")
+    shutil.copy(tiny_model, models / "beta.gguf")
+    # [alpha] names a models-dir model without a file of its own: it adds settings to it.
+    preset = "version = 1\n[*]\nc = 1024\nt = 1\nttl = 300\n[alpha]\nc = 512\nalias = first\n"
+    router = start_router(preset, "--models-dir", str(models))
+    entries = {m["id"]: m for m in router.client.get("/v1/models").json()["data"]}
+    assert set(entries) == {"alpha", "beta"}
+    assert entries["alpha"]["aliases"] == ["first"] and entries["alpha"]["source"] == "models_dir"
+    args = {name: entry["status"]["args"] for name, entry in entries.items()}
+    assert args["alpha"][args["alpha"].index("--ctx-size") + 1] == "512"
+    assert args["beta"][args["beta"].index("--ctx-size") + 1] == "1024"
+    assert str(models / "alpha.gguf") in args["alpha"]
+    answer = router.client.post("/v1/completions", json={"model": "first", "prompt": "hi", "max_tokens": 2})
+    assert answer.status_code == 200, answer.text
+    assert {e["model"]: e["ttl"] for e in router.client.get("/running").json()["running"]} == {"alpha": 300}
