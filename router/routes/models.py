@@ -36,7 +36,8 @@ async def list_models(request: Request) -> dict[str, Any]:
             raise InvalidRequest(f"reload failed, the running configuration is kept: {exc}") from exc
         await registry.reload(specs)
     created = int(time.time())
-    return {"object": "list", "data": [r.to_json(created) for r in registry.records.values()]}
+    # `unlisted` models (llama-swap's) are served by name but not shown.
+    return {"object": "list", "data": [r.to_json(created) for r in registry.records.values() if not r.spec.unlisted]}
 
 
 @router.post("/models/load", openapi_extra=schemas.MODEL_ONLY)
