@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     port = sock.getsockname()[1]
     app = create_app(settings, specs, port)
+    if settings.models_preset:
+        log.info("preset %s", settings.models_preset)
     log.info("models (%d): %s", len(specs),
              ", ".join(s.name + (f" (aliases: {', '.join(s.aliases)})" if s.aliases else "") for s in specs)
              or "none")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from child.arguments import CHILD_ARGS, ArgSpec
 from child.foreign_flags import UnknownFlag, as_options, extract_foreign
+from router.default_preset import default_preset_path
 from router.errors import ConfigError
 
 # Child flags that the router sets itself for each child; not accepted as global overrides.
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="preset INI file (llama.cpp format)")
     router.add_argument("--models-dir", default=_env("LLAMA_ARG_MODELS_DIR"),
                         help="folder of GGUF files, one model per file or sub-folder")
+    router.add_argument("--no-default-preset", dest="default_preset", action="store_false",
+                        default=not _env_bool("MODELYARD_NO_DEFAULT_PRESET", False),
+                        help="without --models-preset and --models-dir, serve only the Hugging Face cache "
+                             "(as llama.cpp's router) instead of the packaged default preset")
     router.add_argument("--models-max", type=int, default=int(_env("LLAMA_ARG_MODELS_MAX", "4") or 4),
                         help="models resident at once, 0 = unlimited; the least recently used idle one "
                              "is unloaded to make room")
@@ -165,10 +170,13 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
     env_sleep = _env("LLAMA_ARG_SLEEP_IDLE_SECONDS")
     if sleep is None and env_sleep is not None:
         child_args["sleep-idle-seconds"] = env_sleep
+    models_preset = args.models_preset
+    if models_preset is None and args.models_dir is None and args.default_preset:
+        models_preset = str(default_preset_path())  # a bare `modelyard` serves something
     settings = RouterSettings(
         host=args.host,
         port=args.port,
-        models_preset=args.models_preset,
+        models_preset=models_preset,
         models_dir=args.models_dir,
         models_max=args.models_max,
         models_autoload=args.models_autoload,

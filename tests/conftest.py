@@ -56,7 +56,8 @@ def _is_reaper(proc: psutil.Process) -> bool:
 class RouterProcess:
     """`python -m router` as a real subprocess; its stderr is collected line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, hf_cache: Path | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, hf_cache: Path | None = None,
+                 cwd: Path | None = None) -> None:
         full_env = {**os.environ, **(env or {})}
         full_env.pop("LLAMA_SERVER_ROUTER_PORT", None)
         if hf_cache is not None and "HF_HUB_CACHE" not in (env or {}):
@@ -64,7 +65,7 @@ class RouterProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-            text=True, errors="replace",
+            text=True, errors="replace", cwd=cwd,
         )
         self.lines: list[str] = []
         self._listening: queue.Queue[str] = queue.Queue()
@@ -202,6 +203,8 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
 
     def start(preset_text: str | None = None, *args: str, env: dict[str, str] | None = None) -> RouterProcess:
         extra = list(args)
+        if preset_text is None and "--models-preset" not in extra and "--models-dir" not in extra:
+            extra.append("--no-default-preset")  # the HF cache only, not the packaged preset's models
         if preset_text is not None:
             preset = write_preset(tmp_path / f"preset{len(started)}.ini", preset_text)
             extra = ["--models-preset", str(preset), *extra]

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import fake_bin, tiny_preset
+from conftest import RouterProcess, fake_bin, tiny_preset
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def test_any_post_reaches_the_model_its_body_form_or_query_names(start_router, tiny_model: Path) -> None:
@@ -134,3 +138,34 @@ def test_preset_star_and_named_sections_apply_to_models_dir_models(start_router,
     answer = router.client.post("/v1/completions", json={"model": "first", "prompt": "hi", "max_tokens": 2})
     assert answer.status_code == 200, answer.text
     assert {e["model"]: e["ttl"] for e in router.client.get("/running").json()["running"]} == {"alpha": 300}
+
+
+def test_pip_install_without_make_serves_the_packaged_default_preset(tmp_path: Path) -> None:
+    """`pip install .` alone: a bare `modelyard` serves the default preset from inside the package."""
+    source = tmp_path / "source"  # a copy: pip builds in the tree it is given
+    for part in ("router", "child", "presets"):
+        shutil.copytree(REPOSITORY / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(REPOSITORY / part, source / part)
+    site = tmp_path / "site"
+    built = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+                            str(source)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert (site / "router" / "default_presets" / "default.ini").is_file()
+    elsewhere = tmp_path / "elsewhere"  # not the repository: `router` comes from the installed copy
+    elsewhere.mkdir()
+    router = RouterProcess([], env={"PYTHONPATH": str(site)}, hf_cache=tmp_path / "hf", cwd=elsewhere)
+    try:
+        assert f"preset {site / 'router' / 'default_presets' / 'default.ini'}" in router.log_text()
+        names = {m["id"] for m in router.client.get("/v1/models").json()["data"]}
+        assert {"smollm2", "gemma3-270m"} <= names
+        router.wait_status("smollm2", "loaded", timeout_s=120)  # load-on-startup in the default preset
+        child = router.child_of("smollm2")  # imports the installed `child` too
+        assert child.cwd() == str(elsewhere) and child.environ()["PYTHONPATH"] == str(site)
+        answer = router.client.post("/v1/chat/completions", json={
+            "model": "chat", "max_tokens": 24, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]},
+            timeout=120)
+        assert answer.status_code == 200 and "Paris" in answer.json()["choices"][0]["message"]["content"]
+    finally:
+        router.stop()
