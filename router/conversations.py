@@ -8,8 +8,12 @@ themselves expire after their TTL.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
+from types import TracebackType
+
+from router.errors import RouterError
 
 # A dict slot, the key and value objects and the tuple, roughly, on top of the characters.
 ENTRY_OVERHEAD_BYTES = 200
@@ -22,6 +26,9 @@ class ConversationMap:
         self.ttl_s = ttl_s
         self.bytes = 0
         self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # Requests of a conversation still waiting for their model (a load, room): DELETE cancels them.
+        # Bounded by the requests in flight, which the router's queues bound.
+        self._waiting: dict[str, set[CancelledByDelete]] = {}
 
     @staticmethod
     def _cost(conversation_id: str, model: str) -> int:
@@ -52,5 +59,54 @@ class ConversationMap:
         self._owners.move_to_end(conversation_id)
         return model
 
+    def waiting(self, conversation_id: str) -> CancelledByDelete:
+        """`async with map.waiting(id):` the block is cancelled by `cancel_waiting(id)`."""
+        return CancelledByDelete(self._waiting, conversation_id)
+
+    def cancel_waiting(self, conversation_id: str) -> bool:
+        """DELETE of a conversation: its requests still waiting for their model give up."""
+        waiters = self._waiting.pop(conversation_id, set())
+        for waiter in waiters:
+            waiter.cancel()
+        return bool(waiters)
+
     def __len__(self) -> int:
         return len(self._owners)
+
+
+class ConversationDeleted(RouterError):
+    status = 409
+    error_type = "invalid_request_error"
+
+
+class CancelledByDelete:
+    """Runs the block in the caller's task; a DELETE of the conversation cancels it, and the block
+    ends with ConversationDeleted (as child/serving.cancelled_if_client_leaves does for a client
+    that leaves)."""
+
+    def __init__(self, waiting: dict[str, set[CancelledByDelete]], conversation_id: str) -> None:
+        self._waiting = waiting
+        self._id = conversation_id
+        self._deleted = False
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._waiting.setdefault(self._id, set()).add(self)
+
+    def cancel(self) -> None:
+        self._deleted = True
+        self._task.cancel()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        waiters = self._waiting.get(self._id)
+        if waiters is not None:
+            waiters.discard(self)
+            if not waiters:
+                del self._waiting[self._id]
+        if exc_type is asyncio.CancelledError and self._deleted:
+            self._task.uncancel()
+            raise ConversationDeleted(f"conversation '{self._id}' was deleted while its request waited "
+                                      "for the model") from None

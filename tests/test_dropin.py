@@ -5,12 +5,17 @@ unlisted models, and a packaged default preset."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import RouterProcess, fake_bin, tiny_preset
@@ -169,3 +174,66 @@ def test_pip_install_without_make_serves_the_packaged_default_preset(tmp_path: P
         assert answer.status_code == 200 and "Paris" in answer.json()["choices"][0]["message"]["content"]
     finally:
         router.stop()
+
+
+@contextlib.contextmanager
+def _busy_stream(router: RouterProcess) -> Iterator[Callable[[], None]]:
+    """The fake `busy` model streams in the only place (--models-max 1); yields a function that
+    waits until a load is waiting for room. Busy's stream ends when the block does."""
+    body = {"model": "busy", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with router.client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+
+        def wait_for_room_wait() -> None:
+            deadline = time.monotonic() + 30
+            while "load of tiny waits for room" not in router.log_text():
+                assert time.monotonic() < deadline, "tiny never waited for room"
+                time.sleep(0.02)
+
+        yield wait_for_room_wait
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+
+
+def _conversation_preset(tiny_model: Path) -> str:
+    return tiny_preset(tiny_model, ["tiny"]) + \
+        f"[busy]\nmodel = {tiny_model}\nbin = {fake_bin('--tokens', '40', '--token-delay', '0.05')}\n"
+
+
+CONVERSATION_CHAT = {"model": "tiny", "stream": True, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                     "messages": [{"role": "user", "content": "hello"}]}
+
+
+def test_a_streamed_conversation_waiting_for_its_model_survives_its_client(start_router, tiny_model: Path) -> None:
+    router = start_router(_conversation_preset(tiny_model), "--models-max", "1")
+    host, port = router.url.removeprefix("http://").split(":")
+    body = json.dumps(CONVERSATION_CHAT).encode()
+    with _busy_stream(router) as wait_for_room_wait, socket.create_connection((host, int(port))) as client:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"X-Conversation-Id: left-early\r\nContent-Length: " + str(len(body)).encode()
+                       + b"\r\n\r\n" + body)
+        wait_for_room_wait()
+        # The client is gone; the conversation is known, its model loading after busy.
+    router.wait_status("tiny", "loaded")
+    deadline = time.monotonic() + 30
+    while True:
+        replay = router.client.get("/v1/stream", params={"conv_id": "left-early"})
+        if replay.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert replay.status_code == 200, replay.text
+    events = [line for line in replay.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 8
+
+
+def test_deleting_a_conversation_cancels_its_request_waiting_for_the_model(start_router, tiny_model: Path) -> None:
+    router = start_router(_conversation_preset(tiny_model), "--models-max", "1")
+    with _busy_stream(router) as wait_for_room_wait, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, router.url + "/v1/chat/completions", json=CONVERSATION_CHAT,
+                              headers={"X-Conversation-Id": "given-up"}, timeout=60)
+        wait_for_room_wait()
+        assert router.client.delete("/v1/stream", params={"conv_id": "given-up"}).status_code == 204
+        answer = waiting.result()
+        assert answer.status_code == 409 and "deleted" in answer.json()["error"]["message"]
+    time.sleep(1.0)  # busy's stream is over: nothing is waiting for room any more
+    assert router.status("tiny") == "unloaded"

@@ -58,15 +58,19 @@ def autoload_of(scope: Scope) -> bool:
     return value.lower() in ("1", "true")
 
 
-async def lease_for(scope: Scope, receive: Receive, name: str | None, autoload: bool | None = None) -> Lease:
-    """The model's lease (`autoload` None: as the request's ?autoload= or the router's flag says);
-    a request that has to wait, for a load say, is cancelled if its client leaves (a client that
-    gives up while waiting for room costs nothing)."""
+async def lease_for(scope: Scope, receive: Receive, name: str | None, autoload: bool | None = None,
+                    outlives_client: bool = False) -> Lease:
+    """The model's lease (`autoload` None: as the request's ?autoload= or the router's flag says).
+    A request that has to wait, for a load say, is cancelled if its client leaves (a client that
+    gives up while waiting for room costs nothing), unless it `outlives_client` (a resumable
+    stream, which its client may come back for)."""
     registry: Registry = scope["app"].state.registry
     if autoload is None:
         autoload = autoload_of(scope)
     lease = registry.acquire_now(name, autoload)
     if lease is not None:  # the model serves and is open: no wait, nothing to watch
         return lease
+    if outlives_client:
+        return await registry.acquire(name, autoload)
     async with cancelled_if_client_leaves(scope, receive):
         return await registry.acquire(name, autoload)

@@ -41,20 +41,30 @@ async def proxy_body(scope: Scope, receive: Receive, body: bytes) -> Response:
     """A POST routed by its body's `model` (the body already read): relayed to that model's child.
 
     Served by router/fast_path.py in front of FastAPI; `proxy_post` is the same for FastAPI."""
-    state = scope["app"].state
     try:
         data = json_object(body)
     except NotAJsonObject as exc:
         raise InvalidRequest(str(exc)) from exc
+    return await proxy_named(scope, receive, body, model_field(data) or model_in_query(scope),
+                             streamed=data.get("stream") is True)
+
+
+async def proxy_named(scope: Scope, receive: Receive, body: bytes, name: str | None, streamed: bool) -> Response:
+    """A POST for the model `name`, with llama.cpp's X-Conversation-Id semantics: the conversation
+    is recorded before the request waits for its model (GET/DELETE /v1/stream reach that model
+    from then on), a DELETE of the conversation cancels the request while it waits, and a streamed
+    request does not give up when its client leaves: the child runs it as a resumable stream."""
+    state = scope["app"].state
     conversation_id = conversation_of(scope)
-    lease = await lease_for(scope, receive, model_field(data) or model_in_query(scope))
-    model = lease.record.name
-    response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, (scope, receive))
-    if conversation_id and 200 <= response.status_code < 300:
-        # Remembered only once the child accepted the request: later GET/DELETE /v1/stream calls
-        # for this conversation go to the same child.
-        state.conversations.remember(conversation_id, model)
-    return response
+    if conversation_id is None:
+        lease = await lease_for(scope, receive, name)
+        return await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, (scope, receive))
+    conversations = state.conversations
+    conversations.remember(conversation_id, state.registry.get(name).name)
+    async with conversations.waiting(conversation_id):
+        lease = await lease_for(scope, receive, name, outlives_client=streamed)
+    watch = None if streamed else (scope, receive)
+    return await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, watch)
 
 
 async def proxy_post(request: Request) -> Response:

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request, Response
 
 from child.openai_http import NotAJsonObject, json_object
 from router.errors import InvalidRequest, NotFound
-from router.proxy import relay, target_of
+from router.proxy import relay
 from router.routes.common import lease_for, model_field, model_in_query
-from router.routes.openai import proxy_get
+from router.routes.openai import proxy_get, proxy_named
 
 router = APIRouter()
 
@@ -62,9 +62,7 @@ async def any_post(request: Request, path: str) -> Response:
         # A path no model is named for: the router's own 404, as llama-server's router answers.
         raise NotFound(f"no route POST /{path} (a model's own routes need the model named in the JSON "
                        "body's 'model', a form field 'model' or ?model=)")
-    lease = await lease_for(request.scope, request.receive, name)
-    return await relay(request.app.state.http, lease, "POST", target_of(request.scope), request.scope["headers"],
-                       body, (request.scope, request.receive))
+    return await proxy_named(request.scope, request.receive, body, name, streamed=False)
 
 
 @router.get("/{path:path}", include_in_schema=False)
