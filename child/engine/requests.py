@@ -50,6 +50,8 @@ class Done:
     prompt_ms: float
     predicted_ms: float
     choice: int = 0
+    stop_word: str = ""  # the stop string that ended it ("" for an end-of-generation token or a limit)
+    slot: int = -1  # the slot it ran in
 
     def timings(self) -> dict[str, float | int]:
         """llama-server's `timings` object."""

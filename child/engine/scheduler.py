@@ -533,6 +533,8 @@ class Scheduler:
             prompt_ms=(slot.t_first_token - slot.t_start) * 1000.0,
             predicted_ms=(now - slot.t_first_token) * 1000.0,
             choice=slot.choice,
+            stop_word=(slot.text.stopped_by if slot.text is not None else None) or "",
+            slot=slot.seq_id,
         ))
         self._release(slot)
 
