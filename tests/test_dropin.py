@@ -64,6 +64,11 @@ def test_upstream_reaches_a_models_own_routes_under_any_method(start_router, tin
     assert page.status_code == 200, page.text
     assert page.json() == {"path": "/some/page.js?v=2", "model": "fake"}
     assert client.get("/upstream/fake").json()["path"] == "/"
+    assert client.get("/upstream/fake?x=1").json()["path"] == "/?x=1"
+    # Encoded characters stay encoded: no `?` or line break is smuggled into the child's request.
+    assert client.get("/upstream/fake/a%3Fb%20c").json()["path"] == "/a%3Fb%20c"
+    smuggled = client.get("/upstream/fake/a%0D%0AX-Evil:%201")
+    assert smuggled.status_code == 404 and "path" not in smuggled.json()
     assert client.delete("/upstream/fake/slots/1").json() == {"path": "/slots/1", "model": "fake", "method": "DELETE"}
     # The real child: its own /props and /health, the model loaded on the way.
     props = client.get("/upstream/tiny/props")

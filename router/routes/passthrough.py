@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 
 from child.openai_http import NotAJsonObject, json_object
 from router.errors import InvalidRequest, NotFound
-from router.proxy import relay
+from router.proxy import relay, target_of
 from router.routes.common import lease_for, model_field, model_in_query
 from router.routes.openai import proxy_get, proxy_named
 
@@ -48,8 +48,11 @@ async def upstream(request: Request, model: str, path: str = "") -> Response:
     """llama-swap's `/upstream/<model>/<path>`: the child's `/<path>`, query kept."""
     body = await request.body()
     lease = await lease_for(request.scope, request.receive, model)
-    query = request.scope.get("query_string") or b""
-    target = "/" + path + ("?" + query.decode("latin-1") if query else "")
+    # From the path as the client sent it, still percent-encoded: a decoded `path` could hold a
+    # `?`, or CR LF that would end the request line to the child.
+    raw_path, _, query = target_of(request.scope).partition("?")
+    parts = raw_path.split("/", 3)  # "", "upstream", the model, the rest
+    target = "/" + (parts[3] if len(parts) > 3 else "") + ("?" + query if query else "")
     return await relay(request.app.state.http, lease, request.method, target, request.scope["headers"], body,
                        (request.scope, request.receive))
 
