@@ -29,6 +29,7 @@ from child.engine.constraints import (
     json_schema_grammar,
 )
 from child.engine.requests import Delta, Done, Failed, TokenLogprob
+from child.engine.scheduler import EngineStopped
 from child.generation import Generation
 from child.openai_http import error_body, error_response
 from child.openai_schema import ChatCompletionBody, CompletionBody, GenerationBody, RequestError
@@ -65,10 +66,18 @@ class Plan:
     family: Family = "hermes"
     logprobs: int | None = None
 
+    def split_calls(self, text: str) -> tuple[str, list[ToolCall]]:
+        """(the text that is not a call, the calls) of an answer: no calls without tools."""
+        if self.tools is None:
+            return text, []
+        return parse_calls(text, self.tools, self.family)
 
-def sse(data: dict[str, Any] | str) -> bytes:
+
+def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
+    """One server-sent event; `event` names it (Anthropic's and the Responses API's streams do)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+    head = f"event: {event}\n" if event is not None else ""
+    return f"{head}data: {text}\n\n".encode()
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -138,6 +147,25 @@ def _render_chat(runtime: ChildRuntime, body: ChatCompletionBody) -> tuple[str, 
     except ChatTemplateError as exc:
         raise RequestError(str(exc)) from exc
     return prompt, (tools if tools is not None and tools.offered else None), family
+
+
+def ensure_ready(runtime: ChildRuntime) -> None:
+    """A 503 while the model loads (llama-server's answer then)."""
+    if runtime.scheduler is None:
+        raise RequestError("Loading model", 503, "unavailable_error")
+
+
+async def count_prompt_tokens(runtime: ChildRuntime, body: ChatCompletionBody) -> int:
+    """How many tokens the request's prompt is: what a generation reports as its prompt tokens."""
+    ensure_ready(runtime)
+    assert runtime.scheduler is not None
+    prompt = render_chat(runtime, body)[0]
+    # add_special as plan_chat's: the template writes BOS itself.
+    work = runtime.scheduler.call(lambda model: len(model.tokenize(prompt, add_special=False, parse_special=True)))
+    try:
+        return await asyncio.wrap_future(work)
+    except EngineStopped as exc:
+        raise RequestError(str(exc), 503, "unavailable_error") from exc
 
 
 async def plan_chat(runtime: ChildRuntime, body: ChatCompletionBody) -> Plan:
@@ -229,11 +257,16 @@ class CallWatcher:
 
 # -- answering -----------------------------------------------------------------------------------
 
-async def answer(runtime: ChildRuntime, body: GenerationBody, plan: Plan, conversation_id: str | None,
-                 client: Request) -> Response:
+def generation_for(runtime: ChildRuntime, body: GenerationBody, plan: Plan) -> Generation:
+    """The engine request a planned body becomes (not yet submitted: `start()` does)."""
     # A forced tool call is made whole: a stop string must not cut it (it would leave no call).
     stop: list[str] | None = [] if plan.tools is not None and plan.tools.forced else None
-    generation = Generation(runtime, body, plan.prompt, plan.add_special, plan.grammar, plan.logprobs, stop)
+    return Generation(runtime, body, plan.prompt, plan.add_special, plan.grammar, plan.logprobs, stop)
+
+
+async def answer(runtime: ChildRuntime, body: GenerationBody, plan: Plan, conversation_id: str | None,
+                 client: Request) -> Response:
+    generation = generation_for(runtime, body, plan)
     if body.stream and conversation_id is not None:
         # Resumable: it runs whether or not this client stays, from the queue on.
         await generation.start()
@@ -266,21 +299,56 @@ def _timings(dones: list[Done]) -> dict[str, float | int]:
         **dones[0].timings(), "predicted_n": sum(d.completion_tokens for d in dones)}
 
 
-async def _complete(runtime: ChildRuntime, plan: Plan, generation: Generation) -> Response:
-    base = _base_fields(runtime, plan.chat)
+async def collect(generation: Generation) -> list[ChoiceState] | Failed:
+    """Every choice's whole answer (each with its Done), or how the generation failed."""
     choices = [ChoiceState(i) for i in range(generation.request.n)]
     async for event in generation.events_until_done():
         if isinstance(event, Failed):
-            return error_response(event.status, event.message, event.error_type)
+            return event
         state = choices[event.choice]
         if isinstance(event, Delta):
             state.parts.append(event.text)
             state.logprobs.extend(event.logprobs)
         else:
             state.done = event
+    if any(c.done is None for c in choices):
+        return Failed("generation ended without a result", 500)
+    return choices
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a streamed single answer ended: the text held back until then (it may have been a
+    call), the calls, and the engine's Done."""
+
+    text: str
+    calls: list[ToolCall]
+    done: Done
+
+
+async def stream_answer(plan: Plan, generation: Generation) -> AsyncIterator[str | Ending | Failed]:
+    """One choice's answer as it may be shown: text as soon as it cannot be (part of) a call, then
+    its Ending; or a Failed. For the APIs that stream one answer and give calls whole at its end."""
+    watcher = CallWatcher(plan.tools.forced) if plan.tools is not None else None
+    async for event in generation.events_until_done():
+        if isinstance(event, Failed):
+            yield event
+            return
+        if isinstance(event, Delta):
+            text = watcher.feed(event.text) if watcher is not None else event.text
+            if text:
+                yield text
+            continue
+        content, calls = plan.split_calls(watcher.held) if watcher is not None and watcher.held else ("", [])
+        yield Ending(content, calls, event)
+
+
+async def _complete(runtime: ChildRuntime, plan: Plan, generation: Generation) -> Response:
+    base = _base_fields(runtime, plan.chat)
+    choices = await collect(generation)
+    if isinstance(choices, Failed):
+        return error_response(choices.status, choices.message, choices.error_type)
     dones = [c.done for c in choices if c.done is not None]
-    if len(dones) != len(choices):
-        return error_response(500, "generation ended without a result")
     rendered = [_choice_json(plan, c) for c in choices]
     return JSONResponse({**base, "object": "chat.completion" if plan.chat else "text_completion",
                          "choices": rendered, "usage": usage_of(dones), "timings": _timings(dones)})
@@ -296,11 +364,10 @@ def _choice_json(plan: Plan, state: ChoiceState) -> dict[str, Any]:
         choice["finish_reason"] = finish_reason
         return choice
     message: dict[str, Any] = {"role": "assistant", "content": state.text}
-    if plan.tools is not None:
-        content, calls = parse_calls(state.text, plan.tools, plan.family)
-        if calls:
-            message = {"role": "assistant", "content": content or None, "tool_calls": [c.openai() for c in calls]}
-            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    content, calls = plan.split_calls(state.text)
+    if calls:
+        message = {"role": "assistant", "content": content or None, "tool_calls": [c.openai() for c in calls]}
+        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
     choice["message"] = message
     if plan.logprobs is not None:
         choice["logprobs"] = {"content": [chat_logprob(e) for e in state.logprobs]}
@@ -366,8 +433,7 @@ def _stream(runtime: ChildRuntime, body: GenerationBody, plan: Plan, generation:
             dones.append(event)
             finish_reason = event.finish_reason
             if watcher is not None and watcher.held:
-                assert plan.tools is not None
-                content, calls = parse_calls(watcher.held, plan.tools, plan.family)
+                content, calls = plan.split_calls(watcher.held)
                 if content:
                     yield chunk(index, text=content)
                 if calls:

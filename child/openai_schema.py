@@ -288,6 +288,11 @@ def parse_body(raw: bytes, model: type[BodyT]) -> BodyT:
         data = json_object(raw)
     except NotAJsonObject as exc:
         raise RequestError(str(exc)) from exc
+    return validate_body(data, model)
+
+
+def validate_body(data: dict[str, Any], model: type[BodyT]) -> BodyT:
+    """A decoded body as `model`; a RequestError names the first field that is wrong."""
     if issubclass(model, GenerationBody):
         model.check_fields(data)
     try:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from child import embedding_routes, native_completion
+from child import anthropic_messages, embedding_routes, native_completion, responses_api
 from child.completions import answer, plan_chat, plan_completion, render_chat
 from child.engine.llama_model import BUILD_INFO, LlamaModel
 from child.engine.scheduler import EngineStopped
@@ -164,4 +164,6 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
     app.include_router(build_router(runtime))
     app.include_router(embedding_routes.build_router(runtime))
     app.include_router(native_completion.build_router(runtime))
+    app.include_router(anthropic_messages.build_router(runtime))
+    app.include_router(responses_api.build_router(runtime))
     return app
