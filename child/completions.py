@@ -13,9 +13,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
@@ -28,6 +28,7 @@ from child.engine.constraints import (
     grammar_definition,
     json_schema_grammar,
 )
+from child.engine.llama_model import LlamaModel
 from child.engine.requests import Delta, Done, Failed, TokenLogprob
 from child.engine.scheduler import EngineStopped
 from child.generation import Generation
@@ -54,6 +55,7 @@ from child.tool_calls import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,16 @@ def ensure_ready(runtime: ChildRuntime) -> None:
     """A 503 while the model loads (llama-server's answer then)."""
     if runtime.scheduler is None:
         raise RequestError("Loading model", 503, "unavailable_error")
+
+
+async def on_model(runtime: ChildRuntime, work: Callable[[LlamaModel], T]) -> T:
+    """`work` run on the engine's thread, between decode steps (the model is not thread-safe)."""
+    ensure_ready(runtime)
+    assert runtime.scheduler is not None
+    try:
+        return await asyncio.wrap_future(runtime.scheduler.call(work))
+    except EngineStopped as exc:
+        raise RequestError(str(exc), 503, "unavailable_error") from exc
 
 
 async def count_prompt_tokens(runtime: ChildRuntime, body: ChatCompletionBody) -> int:

@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from child.completions import Plan, chat_logprob, plan_completion, sse
+from child.completions import Plan, chat_logprob, ensure_ready, on_model, plan_completion, sse
 from child.engine.llama_model import LlamaModel
 from child.engine.requests import Delta, Done, Failed, TokenLogprob
-from child.engine.scheduler import EngineStopped
 from child.generation import Generation
 from child.openai_http import error_body, error_response
 from child.openai_schema import CompletionBody, RequestError, parse_body
@@ -41,7 +40,6 @@ from child.runtime import ChildRuntime
 from child.serving import cancelled_if_client_leaves
 from child.stream_routes import SSE_HEADERS, conversation_id_of
 
-T = TypeVar("T")
 PromptPart = str | int
 UNSET_SEED = 0xFFFFFFFF  # llama-server's LLAMA_DEFAULT_SEED: "a random seed"
 PROMPT_FORMS = ('"prompt" elements must be a string, a list of tokens, a JSON object containing a prompt string, '
@@ -136,15 +134,6 @@ def tokenized(model: LlamaModel, parts: list[list[PromptPart]], bias: list[tuple
         for token in (model.tokenize(key, add_special=False, parse_special=False) if isinstance(key, str) else [key]):
             by_token[str(token)] = value
     return prompts, by_token
-
-
-async def _on_model(runtime: ChildRuntime, work: Callable[[LlamaModel], T]) -> T:
-    if runtime.scheduler is None:
-        raise RequestError("Loading model", 503, "unavailable_error")
-    try:
-        return await asyncio.wrap_future(runtime.scheduler.call(work))
-    except EngineStopped as exc:
-        raise RequestError(str(exc), 503, "unavailable_error") from exc
 
 
 def generation_settings(generation: Generation, body: NativeCompletionBody, n_probs: int) -> dict[str, Any]:
@@ -329,7 +318,7 @@ async def plan_native(runtime: ChildRuntime, body: NativeCompletionBody) -> Nati
         body.n_predict = 1  # llama-server samples one token all the same
     parts = prompt_parts(body.prompt)
     bias = bias_entries(body.logit_bias)
-    prompts, by_token = await _on_model(runtime, lambda m: tokenized(m, parts, bias))
+    prompts, by_token = await on_model(runtime, lambda m: tokenized(m, parts, bias))
     settled = body.model_copy(update={"prompt": prompts[0].tokens, "logit_bias": by_token})
     plan = await plan_completion(runtime, settled)
     return NativeAnswer(runtime, settled, plan, prompts)
@@ -340,8 +329,7 @@ def build_router(runtime: ChildRuntime) -> APIRouter:
 
     @router.post("/completion")
     async def completion(request: Request) -> Response:
-        if runtime.scheduler is None:
-            raise RequestError("Loading model", 503, "unavailable_error")
+        ensure_ready(runtime)
         body = parse_body(await request.body(), NativeCompletionBody)
         answer = await plan_native(runtime, body)
         conversation_id = conversation_id_of(request)

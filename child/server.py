@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,9 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from child import anthropic_messages, embedding_routes, native_completion, responses_api
-from child.completions import answer, plan_chat, plan_completion, render_chat
-from child.engine.llama_model import BUILD_INFO, LlamaModel
-from child.engine.scheduler import EngineStopped
+from child.completions import answer, ensure_ready, on_model, plan_chat, plan_completion, render_chat
+from child.engine.llama_model import BUILD_INFO
 from child.metrics import metrics_registry
 from child.openai_http import error_response
 from child.openai_schema import (
@@ -58,10 +55,6 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return error_response(500, f"internal error: {type(exc).__name__}")
-
-    def require_ready() -> None:
-        if runtime.scheduler is None:
-            raise RequestError("Loading model", 503, "unavailable_error")
 
     @app.get("/health")
     async def health() -> Response:
@@ -106,7 +99,7 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
 
     @app.get("/slots")
     async def slots() -> list[dict[str, Any]]:
-        require_ready()
+        ensure_ready(runtime)
         scheduler = runtime.scheduler
         assert scheduler is not None
         # Read without the scheduler's lock: a snapshot that may be one step old.
@@ -117,7 +110,7 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        require_ready()
+        ensure_ready(runtime)
         body = parse_body(await request.body(), ChatCompletionBody)
         plan = await plan_chat(runtime, body)
         return await answer(runtime, body, plan, conversation_id_of(request), request)
@@ -125,26 +118,18 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions(request: Request) -> Response:
-        require_ready()
+        ensure_ready(runtime)
         body = parse_body(await request.body(), CompletionBody)
         plan = await plan_completion(runtime, body)
         return await answer(runtime, body, plan, conversation_id_of(request), request)
 
-    async def on_model(work: Callable[[LlamaModel], Any]) -> Any:
-        require_ready()
-        assert runtime.scheduler is not None
-        try:
-            return await asyncio.wrap_future(runtime.scheduler.call(work))
-        except EngineStopped as exc:
-            raise RequestError(str(exc), 503, "unavailable_error") from exc
-
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         body = parse_body(await request.body(), TokenizeBody)
-        tokens = await on_model(lambda m: m.tokenize(body.content, body.add_special, parse_special=True))
+        tokens = await on_model(runtime, lambda m: m.tokenize(body.content, body.add_special, parse_special=True))
         if not body.with_pieces:
             return {"tokens": tokens}
-        pieces = await on_model(lambda m: [m.token_piece(t).decode("utf-8", errors="replace") for t in tokens])
+        pieces = await on_model(runtime, lambda m: [m.token_piece(t).decode("utf-8", errors="replace") for t in tokens])
         return {"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces, strict=True)]}
 
     @app.post("/detokenize")
@@ -152,12 +137,12 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
         body = parse_body(await request.body(), DetokenizeBody)
         if runtime.n_vocab is not None and any(t < 0 or t >= runtime.n_vocab for t in body.tokens):
             raise RequestError(f"token ids must be in 0..{runtime.n_vocab - 1}")
-        data = await on_model(lambda m: b"".join(m.token_piece(t) for t in body.tokens))
+        data = await on_model(runtime, lambda m: b"".join(m.token_piece(t) for t in body.tokens))
         return {"content": data.decode("utf-8", errors="replace")}
 
     @app.post("/apply-template")
     async def apply_template(request: Request) -> dict[str, Any]:
-        require_ready()
+        ensure_ready(runtime)
         body = parse_body(await request.body(), ChatCompletionBody)
         return {"prompt": render_chat(runtime, body)[0]}
 
