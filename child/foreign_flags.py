@@ -80,6 +80,19 @@ def foreign_preset_key(key: str) -> ForeignFlag | None:
     return _BY_NAME.get("--" + bare) or _BY_NAME.get("--" + bare.replace("_", "-")) or _BY_ENV.get(bare)
 
 
+# llama-server's flags that say where a model's file comes from on the Hugging Face Hub. In a
+# preset section the router fetches the file itself before the load; they never reach a child.
+HF_SOURCE_FLAGS = ("hf-repo", "hf-file")
+
+
+def hf_source_key(key: str) -> str | None:
+    """"hf-repo" or "hf-file" when a preset key is one of those flags under any of llama-server's
+    spellings (`hf`, `hfr`, `hf-repo`, `hff`, `hf-file`, LLAMA_ARG_HF_REPO, ...), else None."""
+    bare = key.strip().lstrip("-")
+    flag = foreign_preset_key(bare) or _BY_NAME.get("-" + bare)
+    return flag.long if flag is not None and flag.long in HF_SOURCE_FLAGS else None
+
+
 def extract_foreign(argv: list[str], own: set[str], program: str
                     ) -> tuple[list[str], list[tuple[ForeignFlag, list[str]]]]:
     """(argv for argparse, llama-server's flags we do not have with their values). Taken out before

@@ -64,7 +64,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     app.state.http = http
     conversations = app.state.conversations = ConversationMap()
     registry.metrics.watch_conversations(lambda: len(conversations), lambda: conversations.bytes)
-    app.state.downloads = Downloads(registry, settings.hf_token)
+    registry.downloads = app.state.downloads = Downloads(registry, settings.hf_token)
 
     @app.exception_handler(RouterError)
     @app.exception_handler(ClientDisconnected)

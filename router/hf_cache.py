@@ -63,6 +63,11 @@ def _snapshot_files(repo_path: Path) -> dict[str, Path]:
     return files
 
 
+def cached_repo_files(repo_id: str, cache_dir: str | None = None) -> list[str]:
+    """The files of a repository the cache holds, by their path inside it (no network)."""
+    return sorted(_snapshot_files(repo_folder(repo_id, cache_dir)))
+
+
 def list_cached_models(cache_dir: str | None = None) -> list[CachedModel]:
     try:
         info = scan_cache_dir(cache_dir)

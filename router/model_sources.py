@@ -6,6 +6,7 @@ Each source yields ModelSpecs; precedence of options is router command line > mo
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ from child.foreign_flags import foreign_flag
 from child.protocol import ROUTER_PORT_ENV
 from router.errors import ConfigError
 from router.gguf_files import is_main_gguf, pick_projector, strip_shard
-from router.hf_cache import list_cached_models
+from router.hf_cache import list_cached_models, parse_reference
 from router.presets import GLOBAL_SECTION, PresetFile, PresetSection, load_preset_file, parse_bool, render_ini
 from router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
 
 SOURCE_PRESET = "preset"
 SOURCE_MODELS_DIR = "models_dir"
@@ -49,6 +52,10 @@ class ModelSpec:
     env: tuple[tuple[str, str], ...] = ()  # set in the child's environment, over the router's
     concurrency_limit: int = 0  # requests in flight at most, beyond it a 429; 0: no limit
     unlisted: bool = False  # served, but not in /models
+    # llama-server's -hf / -hff: `user/repo[:quant]` and a file in it, downloaded into the Hugging
+    # Face cache on the first load (router/downloads.py); empty for a model with its own file.
+    hf_repo: str = ""
+    hf_file: str = ""
 
     @property
     def speaks_protocol(self) -> bool:
@@ -132,8 +139,9 @@ def _make_spec(name: str, source: str, options: dict[str, str | bool], router_op
                settings: RouterSettings, where: str, env: dict[str, str] | None = None) -> ModelSpec:
     merged = {**options, **settings.global_child_args}
     foreign_cmd = _command(router_options, "cmd", where)
-    if not merged.get("model") and not foreign_cmd:
-        raise ConfigError(f"{where}: model [{name}] has no 'model' key (path to a GGUF file)")
+    hf_repo, hf_file = _hf_source(name, merged, router_options, where)
+    if not merged.get("model") and not foreign_cmd and not hf_repo:
+        raise ConfigError(f"{where}: model [{name}] has no 'model' key (path to a GGUF file) nor 'hf-repo'")
     foreign_bin = _command(router_options, "bin", where)
     if foreign_bin and foreign_cmd:
         raise ConfigError(f"{where}: model [{name}] has both bin and cmd; choose one")
@@ -152,9 +160,37 @@ def _make_spec(name: str, source: str, options: dict[str, str | bool], router_op
         env=tuple((env or {}).items()),
         concurrency_limit=_count(router_options, "concurrency-limit", where),
         unlisted=parse_bool(router_options.get("unlisted", "false"), where),
+        hf_repo=hf_repo, hf_file=hf_file,
         preset_ini=render_ini(name, {k: v for k, v in merged.items() if k not in _NOT_RENDERED},
                               router_options),
     )
+
+
+_warned_model_wins: set[tuple[str, str]] = set()
+
+
+def _hf_source(name: str, options: dict[str, str | bool], router_options: dict[str, str],
+               where: str) -> tuple[str, str]:
+    """(hf-repo, hf-file) of a section, checked; ("", "") when the model has a file of its own."""
+    hf_repo = router_options.get("hf-repo", "").strip()
+    hf_file = router_options.get("hf-file", "").strip()
+    if hf_file and not hf_repo:
+        raise ConfigError(f"{where}: model [{name}] has hf-file but no hf-repo to take it from")
+    if not hf_repo:
+        return "", ""
+    try:
+        parse_reference(hf_repo)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: hf-repo: {exc}") from exc
+    if hf_file and (hf_file.startswith("/") or ".." in hf_file.split("/")):
+        raise ConfigError(f"{where}: hf-file must be a file's path inside the repository, got {hf_file!r}")
+    if options.get("model"):
+        if (where, name) not in _warned_model_wins:  # once, not on every reload
+            _warned_model_wins.add((where, name))
+            log.warning("%s: model [%s] has both 'model' and 'hf-repo': 'model' wins, nothing is downloaded",
+                        where, name)
+        return "", ""
+    return hf_repo, hf_file
 
 
 def _resolve_relative(value: str, base: Path) -> str:
@@ -185,7 +221,8 @@ def specs_from_preset(preset: PresetFile, settings: RouterSettings,
         options = {**defaults.options, **section.options}
         known = (found or {}).get(section.name)
         source = SOURCE_PRESET
-        if known is not None and "model" not in section.options and "cmd" not in section.router_options:
+        own_file = "model" in section.options or "cmd" in section.router_options or "hf-repo" in section.router_options
+        if known is not None and not own_file:
             options = {**known.options, **section.options}
             source = known.source
         router_options = {**defaults.router_options, **section.router_options}

@@ -6,10 +6,13 @@
         |   exit / crash   |       unload        |
         +------------------+---------------------+   (exit_code kept; failed = exit_code != 0)
         ^   |
-        |   |  download (POST /models names a new model; it is registered unloaded and starts
-        |   v            downloading at once)
-    downloading   (a model being fetched from the Hugging Face Hub; `finished` makes it unloaded,
-                   a failed or cancelled download removes the model instead)
+        |   |  download (POST /models names a new model: it is registered unloaded and starts
+        |   v            downloading at once; or the first load of a preset model with `hf-repo`
+    downloading          whose files are not in the cache yet)
+                  (a model being fetched from the Hugging Face Hub; `finished` makes it unloaded,
+                   and a preset model's load goes on to `loading` from there. A failed or
+                   cancelled download makes a preset model unloaded again, and removes a model
+                   POST /models added)
 
 There is no failed state: a failure is `unloaded` with a non-zero exit code. `loading -> loading`
 and `downloading -> downloading` are allowed to report progress. Registry.set_status is the only

@@ -7,6 +7,8 @@
     model = /path/to/file.gguf
     alias = small,chat
     load-on-startup = true
+    [qwen]              ; fetched from the Hugging Face Hub on its first load
+    hf-repo = user/repo:Q4_K_M
 
 Keys are child flags by long name (dashes or underscores), short name or LLAMA_ARG_* name, or one
 of the preset-only keys. An unknown key stops the router with the file, line and key, because a
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from child.arguments import find_arg
-from child.foreign_flags import foreign_preset_key
+from child.foreign_flags import foreign_preset_key, hf_source_key
 from router.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,14 @@ def parse_preset_text(text: str, path: Path) -> PresetFile:
                 raise ConfigError(f"{where}: unsupported preset version {value!r} (expected 1)")
             continue
         normalized = _normalize_key(key)
+        hf_key = hf_source_key(key)
+        if hf_key is not None:
+            # llama-server's -hf/-hff: the router downloads the file before the load (see
+            # router/downloads.py); a child never sees them.
+            if current is global_section:
+                raise ConfigError(f"{where}: '{key}' names one model's file: give it in that model's section")
+            current.router_options[hf_key] = value
+            continue
         if normalized in PRESET_ONLY_KEYS:
             current.router_options[normalized] = value
             continue

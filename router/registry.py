@@ -8,6 +8,9 @@ Ownership rules:
   last place. Lock order is always admission, then model.
 - A request holds a Lease on its model from before the load until its response has ended; a
   model with a lease is never evicted, so eviction never cuts a request off.
+- A preset model with `hf-repo` whose files are not in the cache yet is downloaded first
+  (router/downloads.py): requests wait for the download as for a load, and the load follows it
+  even when the request that started it has gone.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from child.protocol import ChildState, StateMessage
 from router.admission import Admission
 from router.bundled_models import is_package_model, resolve_package_model
 from router.child_launch import CHILD_HOST, child_env, plan_launch, wait_until_http_ready
 from router.child_process import ChildProcess
-from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, TooManyRequests, Unavailable
+from router.errors import ConfigError, InvalidRequest, NotFound, RouterError, ServerError, TooManyRequests, Unavailable
 from router.events import EventHub
 from router.metrics import RouterMetrics
 from router.model_logs import ModelLogs
@@ -34,6 +37,9 @@ from router.model_status import ModelStatus, check_transition
 from router.orphan_reaper import OrphanReaper
 from router.settings import RouterSettings
 from router.upstream_client import UpstreamClient
+
+if TYPE_CHECKING:
+    from router.downloads import Downloads
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ class Registry:
         self.events = events
         self.http = http  # the router's connections to its children
         self.router_port = 0
+        self.downloads: Downloads | None = None  # set by the app; fetches a preset's hf-repo files
         self.records: dict[str, ModelRecord] = {spec.name: ModelRecord(spec) for spec in specs}
         self._room_changed_event = asyncio.Event()
         self.admission = Admission(self)
@@ -191,8 +198,11 @@ class Registry:
             if not autoload and not record.status.is_running:
                 raise InvalidRequest("model is not loaded")  # stopped while this request waited
             if record.status == ModelStatus.DOWNLOADING:
-                raise Unavailable(f"model '{record.name}' is still downloading", headers={"Retry-After": "5"})
-            if record.status == ModelStatus.LOADING:
+                download = self.downloads.pending_load(record.name) if self.downloads is not None else None
+                if download is None:  # a POST /models download: nobody asked for it to load
+                    raise Unavailable(f"model '{record.name}' is still downloading", headers={"Retry-After": "5"})
+                await asyncio.shield(download)  # a failed download's error is this request's answer
+            elif record.status == ModelStatus.LOADING:
                 assert record.ready is not None
                 exit_code = await asyncio.shield(record.ready)
                 if exit_code is not None:
@@ -254,10 +264,13 @@ class Registry:
     async def _admit_and_spawn(self, record: ModelRecord) -> bool:
         """One attempt; False when the record's spec changed meanwhile and it must be made again."""
         spec = record.spec
-        model_path = await self._resolve_model_path(spec)
+        launch = await self._launch_spec(record, spec)
+        if launch is None:
+            return record.spec is spec  # downloading its files first: the load follows the download
+        model_path, launch_spec = launch
         # The header read for the estimate happens before the turn: a slow or stuck file only
         # delays its own load, never the queue behind it.
-        need = await asyncio.to_thread(self.admission.estimate_bytes, spec, model_path)
+        need = await asyncio.to_thread(self.admission.estimate_bytes, launch_spec, model_path)
         async with self.admission.turn():  # a client that leaves while waiting here costs nothing
             if not self._may_start(record):
                 return True
@@ -273,11 +286,35 @@ class Registry:
                 if record.spec is not spec:
                     return False
                 # Once decided, the spawn runs to its end even if this caller leaves.
-                await asyncio.shield(self._spawn(record, model_path))
+                await asyncio.shield(self._spawn(record, model_path, launch_spec))
         return True
 
     def _may_start(self, record: ModelRecord) -> bool:
         return record.status == ModelStatus.UNLOADED and self.records.get(record.name) is record
+
+    async def _launch_spec(self, record: ModelRecord, spec: ModelSpec) -> tuple[str, ModelSpec] | None:
+        """The model's file and the spec its child starts from. None for a preset model with
+        `hf-repo` whose files are not in the Hugging Face cache: their download has started."""
+        if not spec.hf_repo:
+            return await self._resolve_model_path(spec), spec
+        if self.downloads is None:
+            raise ServerError(f"model '{spec.name}': hf-repo needs the router's downloads")
+        files = await self.downloads.cached_files(spec)  # no network when they are there
+        if files is not None:
+            return files.model, files.launch_spec(spec)
+        if self._may_start(record) and record.spec is spec:
+            self._background(self._download_then_start(record, self.downloads.fetch_for_load(record)))
+        return None
+
+    async def _download_then_start(self, record: ModelRecord, download: asyncio.Task[Any]) -> None:
+        """Load a preset model once its files are downloaded, whether or not the request that
+        started it still waits (as a load runs to its end when its client leaves)."""
+        try:
+            await asyncio.shield(download)
+            if self._may_start(record):
+                await self._start(record)
+        except RouterError as exc:
+            log.warning("model %s not loaded: %s", record.name, exc.message)
 
     async def _resolve_model_path(self, spec: ModelSpec) -> str:
         model_value = spec.model_value
@@ -287,9 +324,9 @@ class Registry:
         except ConfigError as exc:
             raise ServerError(f"model '{spec.name}': {exc}") from exc
 
-    async def _spawn(self, record: ModelRecord, model_path: str) -> None:
+    async def _spawn(self, record: ModelRecord, model_path: str, spec: ModelSpec) -> None:
+        """Start the child of `spec` (the record's, with a downloaded file filled in)."""
         record.resolved_model_path = model_path
-        spec = record.spec
         plan = plan_launch(spec, model_path)
         record.assigned_port = plan.assigned_port
         child = ChildProcess(record.name, plan.argv, child_env(self.router_port, spec),

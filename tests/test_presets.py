@@ -151,12 +151,13 @@ def test_status_transitions_follow_the_diagram() -> None:
 def test_preset_example_file_uses_every_key_validly() -> None:
     path = Path(__file__).resolve().parent.parent / "presets" / "example.ini"
     specs = {s.name: s for s in collect_specs(RouterSettings(models_preset=str(path)))}
-    assert set(specs) == {"chat", "base", "llama-cpp", "any-server"}
+    assert set(specs) == {"chat", "base", "llama-cpp", "any-server", "from-hub"}
     assert specs["chat"].pinned and specs["chat"].load_on_startup and specs["chat"].tags == ("chat", "english")
     assert specs["base"].ttl_s == 300 and specs["base"].options["ctx-size"] == "4096"
     assert specs["llama-cpp"].foreign_bin == ("/usr/local/bin/llama-server",)
     assert specs["any-server"].foreign_cmd[:2] == ("modelyard-child", "-m")
     assert not specs["any-server"].speaks_protocol and specs["any-server"].load_timeout_s == 120
+    assert specs["from-hub"].hf_repo == "bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M"
 
 
 def test_preset_default_file_serves_the_two_bundled_models() -> None:

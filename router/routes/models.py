@@ -126,11 +126,12 @@ async def remove_model(request: Request) -> dict[str, Any]:
     """Remove a downloaded (cached) model: stop it, delete its files, forget it."""
     record = _model_in_query(request, "model must be a non-empty string")  # llama.cpp's words here
     registry = registry_of(request)
-    if record.spec.source != SOURCE_CACHE:
-        raise InvalidRequest(f"model '{record.name}' is not a downloaded model (source: {record.spec.source})")
     if record.status == ModelStatus.DOWNLOADING:
+        # A preset model with hf-repo too: its download stops, the model stays (unloaded).
         await request.app.state.downloads.cancel(record.name)
         return {"success": True}
+    if record.spec.source != SOURCE_CACHE:
+        raise InvalidRequest(f"model '{record.name}' is not a downloaded model (source: {record.spec.source})")
     cached = next((m for m in await asyncio.to_thread(list_cached_models) if m.name == record.name), None)
     await registry.remove(record)
     if cached is not None:
