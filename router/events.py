@@ -2,6 +2,9 @@
 
 Each subscriber has a bounded queue; one that falls behind is dropped (its stream ends) rather
 than ever blocking the router or growing without bound.
+
+A loading model's `status_change` events carry its progress as llama.cpp's router sends it,
+the child's `loading` payload: `{"stages": ["text_model", ...], "current": stage, "value": 0.0..1.0}`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,21 @@ import logging
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+DEFAULT_STAGE = "text_model"
+
+
+def load_progress(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """A child's `loading` payload as the feed's `progress` object; None without a numeric value."""
+    value = payload.get("value")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    stages = payload.get("stages")
+    if not isinstance(stages, list) or not all(isinstance(stage, str) for stage in stages) or not stages:
+        stages = [DEFAULT_STAGE]
+    current = payload.get("current")
+    return {"stages": list(stages), "current": current if isinstance(current, str) else stages[0],
+            "value": min(max(float(value), 0.0), 1.0)}
 
 
 class Subscription:

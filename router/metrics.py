@@ -1,5 +1,12 @@
 """The router's GET /metrics: its own counters, plus every running child's metrics labelled by model.
 
+Besides modelyard's `modelyard_router_*` families, the router serves llama.cpp's router lifecycle
+gauges (the names of llama.cpp PR #25330; the llama-server build probed here answers a plain
+GET /metrics with a 400 and has none of them), each labelled `model`:
+`llamacpp_router:model_up` (1 while its process runs: loading, loaded or sleeping),
+`llamacpp_router:model_loaded` (1 while it is loaded and awake) and
+`llamacpp_router:model_last_used_seconds` (Unix time of its last request, 0 before any).
+
 Children are asked only while they are loaded or sleeping (a child's /metrics does not wake it),
 so a scrape never loads or wakes a model. Their families are merged by name, each sample with a
 `model` label, so the output stays valid Prometheus text.
@@ -132,12 +139,23 @@ class _LiveCollector(Collector):
         status = GaugeMetricFamily("modelyard_router_model_status", "1 for each model's current status",
                                    labels=["model", "status"])
         in_flight = GaugeMetricFamily("modelyard_router_in_flight", "Requests holding a model", labels=["model"])
+        up = GaugeMetricFamily("llamacpp_router:model_up", "1 while the model's process runs", labels=["model"])
+        loaded = GaugeMetricFamily("llamacpp_router:model_loaded", "1 while the model is loaded",
+                                   labels=["model"])
+        last_used = GaugeMetricFamily("llamacpp_router:model_last_used_seconds",
+                                      "Unix time of the model's last request (0: none yet)", labels=["model"])
         for record in list(self.records.values()):
             for value in ModelStatus:
                 status.add_metric([record.name, str(value)], 1.0 if record.status == value else 0.0)
             in_flight.add_metric([record.name], record.in_flight)
+            up.add_metric([record.name], 1.0 if record.status.is_running else 0.0)
+            loaded.add_metric([record.name], 1.0 if record.status == ModelStatus.LOADED else 0.0)
+            last_used.add_metric([record.name], round(record.last_used_wall, 3))
         yield status
         yield in_flight
+        yield up
+        yield loaded
+        yield last_used
         yield GaugeMetricFamily("modelyard_router_queue_length", "Loads waiting for room",
                                 value=self.queue_length())
         yield CounterMetricFamily("modelyard_router_evictions", "Models unloaded to make room",

@@ -28,7 +28,7 @@ from router.bundled_models import is_package_model, resolve_package_model
 from router.child_launch import CHILD_HOST, child_env, plan_launch, wait_until_http_ready
 from router.child_process import ChildProcess
 from router.errors import ConfigError, InvalidRequest, NotFound, RouterError, ServerError, TooManyRequests, Unavailable
-from router.events import EventHub
+from router.events import EventHub, load_progress
 from router.metrics import RouterMetrics
 from router.model_logs import ModelLogs
 from router.model_record import ModelRecord
@@ -102,7 +102,7 @@ class Registry:
 
     def set_status(self, record: ModelRecord, new: ModelStatus, reason: str, *,
                    exit_code: int | None = None, info: dict[str, Any] | None = None,
-                   progress: float | None = None) -> None:
+                   progress: dict[str, Any] | None = None) -> None:
         old = record.status
         check_transition(old, new)
         record.status = new
@@ -505,9 +505,7 @@ class Registry:
         payload = message.payload
         if message.state == ChildState.LOADING:
             if record.status == ModelStatus.LOADING:
-                value = payload.get("value")
-                self.set_status(record, ModelStatus.LOADING, "(progress)",
-                                progress=float(value) if isinstance(value, int | float) else None)
+                self.set_status(record, ModelStatus.LOADING, "(progress)", progress=load_progress(payload))
         elif message.state == ChildState.READY:
             if record.status == ModelStatus.LOADING:
                 port = payload.get("port") or record.assigned_port

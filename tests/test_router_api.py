@@ -145,9 +145,11 @@ def test_router_status_feed_for_a_load_and_an_unload(start_router, tiny_model: P
         assert spawned == {"model": "tiny-a", "event": "model_status", "data": {"status": "loading"}}
         loaded = feed.wait_for(lambda e: e["model"] == "tiny-a" and e["data"]["status"] != "loading")
         assert loaded["event"] == "status_change" and loaded["data"]["status"] == "loaded"
-        assert loaded["data"]["info"]["n_vocab"] > 0
+        # As llama.cpp's: the model's entry, with the child's numbers under `meta`.
+        info = loaded["data"]["info"]
+        assert info["id"] == "tiny-a" and info["meta"]["n_vocab"] > 0 and "input_modalities" in info["architecture"]
         progress = [e["data"]["progress"] for e in feed.seen if e["data"].get("progress") is not None]
-        assert progress and progress[-1] == 1.0
+        assert progress and progress[-1] == {"stages": ["text_model"], "current": "text_model", "value": 1.0}
 
         router.client.post("/models/unload", json={"model": "tiny-a"})
         unloaded = feed.wait_for(lambda e: e["model"] == "tiny-a")

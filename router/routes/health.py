@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -10,6 +11,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from router.routes.openai import proxy_get
 
 router = APIRouter()
+
+
+def _build_info() -> str:
+    """What the children report as their build (child/engine/llama_model.py), without loading libllama."""
+    try:
+        return f"llama-cpp-python {metadata.version('llama_cpp_python')}"
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+BUILD_INFO = _build_info()
 
 
 @router.get("/health")
@@ -34,11 +46,15 @@ async def props(request: Request) -> dict[str, Any] | Response:
     if request.query_params.get("model"):
         return await proxy_get(request)
     settings = request.app.state.settings
+    # llama.cpp's router /props, key for key; the model fields are placeholders there as well.
     return {
         "role": "router",
         "max_instances": settings.models_max,
         "models_autoload": settings.models_autoload,
         "model_alias": "modelyard",
         "model_path": "none",
-        "default_generation_settings": {"params": {}, "n_ctx": 0},
+        "default_generation_settings": {"params": None, "n_ctx": 0},
+        "ui_settings": {},  # llama.cpp's --ui-config; modelyard's dashboard has no settings to give
+        "build_info": BUILD_INFO,
+        "cors_proxy_enabled": False,  # llama.cpp's MCP CORS proxy (--ui-mcp-proxy); modelyard has none
     }

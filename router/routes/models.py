@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from router import model_facts
 from router.errors import ConfigError, InvalidRequest, NotFound
 from router.events import Subscription
 from router.hf_cache import list_cached_models, remove_cached_model
@@ -35,15 +36,20 @@ async def list_models(request: Request) -> dict[str, Any]:
         except ConfigError as exc:
             raise InvalidRequest(f"reload failed, the running configuration is kept: {exc}") from exc
         await registry.reload(specs)
-    created = int(time.time())
     # `unlisted` models (llama-swap's) are served by name but not shown.
-    return {"object": "list", "data": [r.to_json(created) for r in registry.records.values() if not r.spec.unlisted]}
+    records = [r for r in registry.records.values() if not r.spec.unlisted]
+    await model_facts.read_facts(path for r in records for path in model_facts.header_paths(r))
+    created = int(time.time())
+    return {"object": "list", "data": [model_facts.entry(r, created) for r in records]}
 
 
 @router.post("/models/load", openapi_extra=schemas.MODEL_ONLY)
 async def load_model(request: Request) -> dict[str, Any]:
     _, data = await json_body(request)
-    name = required_model_field(data, "model name is missing from the request")
+    name = data.get("model")
+    if not isinstance(name, str) or not name:
+        # llama.cpp looks the empty name up like any other: a 404, not a 400.
+        raise NotFound("model name is missing from the request")
     await registry_of(request).load(name)
     return {"success": True}
 
@@ -108,8 +114,11 @@ async def model_logs(request: Request) -> EventSourceResponse:
     record = _model_in_query(request, "model name is missing from the request")
     registry = registry_of(request)
     subscription = registry.logs.live.subscribe()
-    return sse_feed(request, subscription, registry.logs.recent(record.name),
-                    select=lambda message: message["data"] if message["model"] == record.name else None)
+
+    async def own_lines(message: dict[str, Any]) -> dict[str, Any] | None:
+        return message["data"] if message["model"] == record.name else None
+
+    return sse_feed(request, subscription, registry.logs.recent(record.name), select=own_lines)
 
 
 @router.post("/models", openapi_extra=schemas.MODEL_ONLY)
@@ -151,13 +160,27 @@ async def models_sse(request: Request) -> EventSourceResponse:
             data["exit_code"] = record.exit_code
         snapshot.append({"model": record.name, "event": "status_change", "data": data})
 
-    return sse_feed(request, subscription, snapshot)
+    async def as_llama_cpp(message: dict[str, Any]) -> dict[str, Any]:
+        """A first `loaded` event's `info` is llama.cpp's: the model's entry with its meta."""
+        info = message["data"].get("info")
+        record = registry.lookup(message["model"])
+        if message["event"] != "status_change" or not isinstance(info, dict) or record is None:
+            return message
+        await model_facts.read_facts(model_facts.header_paths(record))
+        return {**message, "data": {**message["data"], "info": model_facts.loaded_info(record, info)}}
+
+    return sse_feed(request, subscription, snapshot, select=as_llama_cpp)
+
+
+async def _every(message: dict[str, Any]) -> dict[str, Any] | None:
+    return message
 
 
 def sse_feed(request: Request, subscription: Subscription, first: list[dict[str, Any]],
-             select: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda message: message,
+             select: Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]] = _every,
              ) -> EventSourceResponse:
-    """An SSE response: `first` items, then each live message that `select` keeps, until dropped."""
+    """An SSE response: `first` items, then each live message that `select` keeps (and may
+    reshape), until dropped."""
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         try:
@@ -167,7 +190,7 @@ def sse_feed(request: Request, subscription: Subscription, first: list[dict[str,
                 message = await subscription.next()
                 if message is None:
                     return
-                kept = select(message)
+                kept = await select(message)
                 if kept is not None:
                     yield ServerSentEvent(json.dumps(kept))
         finally:

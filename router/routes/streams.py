@@ -1,4 +1,8 @@
-"""Resumable-stream routes, routed to the child that owns each conversation."""
+"""Resumable-stream routes, routed to the child that owns each conversation.
+
+Answers as llama.cpp's router does: its error texts, and lookup entries with whole-second times
+and `completed_at: 0` while a stream is live.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,10 @@ from router.routes.common import json_body, lease_for, registry_of
 
 router = APIRouter()
 
+MISSING_ID = "Missing conversation id in path"
+NOT_FOUND = "Stream not found or expired"
+BAD_OFFSET = "Invalid 'from' offset"
+
 
 def conversations_of(request: Request) -> ConversationMap:
     conversations: ConversationMap = request.app.state.conversations
@@ -31,14 +39,23 @@ def _owner(request: Request, conv_id: str) -> ModelRecord | None:
 def _conv_from_query(request: Request) -> str:
     conv_id = request.query_params.get("conv_id") or request.query_params.get("conversation_id")
     if not conv_id:
-        raise InvalidRequest("Missing conversation id (conv_id)")
+        raise InvalidRequest(MISSING_ID)
     return conv_id
+
+
+def _check_offset(request: Request) -> None:
+    """`from` is a byte offset; empty or absent is 0 (llama.cpp reads it with std::stoull, which
+    also takes "12abc", "1.5" or "-1": modelyard refuses those with the same answer as "abc")."""
+    offset = request.query_params.get("from", "")
+    if offset and not (offset.isascii() and offset.isdigit()):
+        raise InvalidRequest(BAD_OFFSET)
 
 
 async def _replay(request: Request, conv_id: str) -> Response:
     record = _owner(request, conv_id)
     if record is None or record.status == ModelStatus.UNLOADED:
-        raise NotFound(f"no stream for conversation '{conv_id}'")
+        raise NotFound(NOT_FOUND)
+    _check_offset(request)
     if record.status == ModelStatus.LOADING:
         raise Unavailable("Stream owner model is loading, retry later", headers={"Retry-After": "1"})
     lease = await lease_for(request.scope, request.receive, record.name, autoload=False)
@@ -47,6 +64,7 @@ async def _replay(request: Request, conv_id: str) -> Response:
 
 
 async def _cancel(request: Request, conv_id: str) -> Response:
+    conversations_of(request).cancel_waiting(conv_id)  # its requests still waiting for the model
     record = _owner(request, conv_id)
     if record is not None and record.status.can_serve:
         lease = await lease_for(request.scope, request.receive, record.name, autoload=False)
@@ -77,13 +95,17 @@ async def cancel_by_path(request: Request, conv_id: str) -> Response:
 
 @router.post("/v1/streams/lookup", openapi_extra=schemas.LOOKUP)
 async def lookup(request: Request) -> list[dict[str, Any]]:
-    """Only the asked ids; asks each owning child about its own ids and merges the answers."""
-    _, data = await json_body(request)
+    """Only the asked ids; asks each owning child about its own ids and merges the answers.
+    Whatever the body, the answer is a list (llama.cpp's router answers [] to a body it cannot use)."""
+    try:
+        _, data = await json_body(request)
+    except InvalidRequest:
+        return []
     ids = data.get("conversation_ids")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise InvalidRequest("expected {\"conversation_ids\": [...]} with string ids")
+    if not isinstance(ids, list):
+        return []
     by_model: dict[str, list[str]] = {}
-    for conv_id in ids:
+    for conv_id in (i for i in ids if isinstance(i, str) and i):
         record = _owner(request, conv_id)
         if record is not None and record.status.can_serve:
             by_model.setdefault(record.name, []).append(conv_id)
@@ -94,5 +116,14 @@ async def lookup(request: Request) -> list[dict[str, Any]]:
         response = await relay(request.app.state.http, lease, "POST", "/v1/streams/lookup",
                                [(b"content-type", b"application/json")], body)
         if response.status_code == 200:
-            merged.extend(json.loads(bytes(response.body)))
+            merged.extend(_as_llama_cpp(entry) for entry in json.loads(bytes(response.body)))
     return merged
+
+
+def _as_llama_cpp(entry: dict[str, Any]) -> dict[str, Any]:
+    """Unix seconds as integers, and 0 for `completed_at` while the stream is live."""
+    shaped = dict(entry)
+    for key in ("started_at", "completed_at"):
+        value = shaped.get(key)
+        shaped[key] = int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+    return shaped
