@@ -42,6 +42,13 @@ class ConversationMap:
             oldest = next(iter(self._owners))
             self._forget(oldest)
 
+    def restore(self, conversation_id: str, owner: str | None) -> None:
+        """Undo a `remember` whose request was not accepted: back to `owner`, or unknown."""
+        if owner is None:
+            self._forget(conversation_id)
+        else:
+            self.remember(conversation_id, owner)
+
     def _forget(self, conversation_id: str) -> None:
         entry = self._owners.pop(conversation_id, None)
         if entry is not None:

@@ -119,7 +119,7 @@ def test_hardening_bad_conversation_ids_are_refused_by_the_router(start_router, 
     assert _conversations(router) == 0
 
 
-def test_hardening_conversations_are_remembered_only_once_the_child_accepted(start_router, tiny_model: Path) -> None:
+def test_hardening_conversations_are_kept_only_when_the_child_accepted(start_router, tiny_model: Path) -> None:
     router = start_router(tiny_preset(tiny_model, ["a"]))
     refused = {"model": "a", "prompt": "hi", "max_tokens": 99_999, "stream": True}
     for i in range(20):

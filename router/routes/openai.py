@@ -60,11 +60,19 @@ async def proxy_named(scope: Scope, receive: Receive, body: bytes, name: str | N
         lease = await lease_for(scope, receive, name)
         return await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, (scope, receive))
     conversations = state.conversations
+    before = conversations.owner(conversation_id)
     conversations.remember(conversation_id, state.registry.get(name).name)
-    async with conversations.waiting(conversation_id):
-        lease = await lease_for(scope, receive, name, outlives_client=streamed)
-    watch = None if streamed else (scope, receive)
-    return await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, watch)
+    accepted = False
+    try:
+        async with conversations.waiting(conversation_id):
+            lease = await lease_for(scope, receive, name, outlives_client=streamed)
+        watch = None if streamed else (scope, receive)
+        response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, watch)
+        accepted = 200 <= response.status_code < 300
+        return response
+    finally:
+        if not accepted:  # refused, failed or cancelled: what the conversation was before stays
+            conversations.restore(conversation_id, before)
 
 
 async def proxy_post(request: Request) -> Response:
