@@ -45,8 +45,7 @@ from child.completions import (
 )
 from child.engine.requests import Done, Failed
 from child.generation import Generation
-from child.openai_http import NotAJsonObject, json_object
-from child.openai_schema import ChatCompletionBody, RequestError, validate_body
+from child.openai_schema import ChatCompletionBody, RequestError, body_object, refuse_unknown_keys, validate_body
 from child.runtime import ChildRuntime
 from child.serving import cancelled_if_client_leaves
 from child.stream_routes import SSE_HEADERS
@@ -85,10 +84,7 @@ class MessagesBody(BaseModel):
 
 
 def parse_messages_body(raw: bytes) -> MessagesBody:
-    try:
-        data = json_object(raw)
-    except NotAJsonObject as exc:
-        raise RequestError(str(exc)) from exc
+    data = body_object(raw)
     for name in data:
         if name not in MessagesBody.model_fields and name not in NO_OP_FIELDS:
             raise RequestError(f"'{name}' is not supported by this engine")
@@ -119,22 +115,14 @@ def _output_format(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """`output_config.format` as OpenAI's response_format."""
     if config is None:
         return None
-    _check_keys(config, {"format", "effort"}, "output_config")
+    refuse_unknown_keys(config, {"format", "effort"}, "output_config", BLOCK_NO_OP_FIELDS)
     spec = config.get("format")
     if spec is None:
         return None
     if not isinstance(spec, dict) or spec.get("type") != "json_schema" or not isinstance(spec.get("schema"), dict):
         raise RequestError("'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}")
-    _check_keys(spec, {"type", "schema"}, "output_config.format")
+    refuse_unknown_keys(spec, {"type", "schema"}, "output_config.format", BLOCK_NO_OP_FIELDS)
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": spec["schema"]}}
-
-
-def _check_keys(block: dict[str, Any], allowed: set[str], where: str) -> None:
-    """A 400 for a key this engine would ignore. Empty ones are none: the SDK sends a block it
-    returned back with every field it knows, most of them null."""
-    for key, value in block.items():
-        if key not in allowed and key not in BLOCK_NO_OP_FIELDS and value not in (None, [], {}):
-            raise RequestError(f"'{where}.{key}' is not supported by this engine")
 
 
 def _text_parts(value: Any, where: str) -> str | list[dict[str, Any]]:
@@ -162,7 +150,7 @@ def _block_type(block: Any, where: str) -> str:
 
 
 def _text_part(block: dict[str, Any], where: str) -> dict[str, Any]:
-    _check_keys(block, {"type", "text"}, where)
+    refuse_unknown_keys(block, {"type", "text"}, where, BLOCK_NO_OP_FIELDS)
     if not isinstance(block.get("text"), str):
         raise RequestError(f"'{where}.text' must be a string")
     return {"type": "text", "text": block["text"]}
@@ -172,7 +160,7 @@ def _chat_messages(message: Any, where: str) -> list[dict[str, Any]]:
     """One Anthropic message as chat messages: tool results become `tool` messages of their own."""
     if not isinstance(message, dict):
         raise RequestError(f"'{where}' must be an object with 'role' and 'content'")
-    _check_keys(message, {"role", "content"}, where)
+    refuse_unknown_keys(message, {"role", "content"}, where, BLOCK_NO_OP_FIELDS)
     role = message.get("role")
     if role not in ("user", "assistant"):
         raise RequestError(f"'{where}.role' must be \"user\" or \"assistant\", not {role!r}")
@@ -211,7 +199,7 @@ def _chat_messages(message: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _tool_call(block: dict[str, Any], where: str) -> dict[str, Any]:
-    _check_keys(block, {"type", "id", "name", "input"}, where)
+    refuse_unknown_keys(block, {"type", "id", "name", "input"}, where, BLOCK_NO_OP_FIELDS)
     for key in ("id", "name"):
         if not isinstance(block.get(key), str):
             raise RequestError(f"'{where}.{key}' must be a string")
@@ -222,7 +210,7 @@ def _tool_call(block: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _tool_message(block: dict[str, Any], where: str) -> dict[str, Any]:
-    _check_keys(block, {"type", "tool_use_id", "content", "is_error"}, where)
+    refuse_unknown_keys(block, {"type", "tool_use_id", "content", "is_error"}, where, BLOCK_NO_OP_FIELDS)
     if not isinstance(block.get("tool_use_id"), str):
         raise RequestError(f"'{where}.tool_use_id' must be a string")
     if not isinstance(block.get("is_error", False), bool):
@@ -243,7 +231,7 @@ def _tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
         if kind != "custom":
             raise RequestError(f"'{where}' is the server tool {kind!r}: this server runs no tools itself; give "
                                "client tools ({\"name\", \"description\", \"input_schema\"})")
-        _check_keys(tool, {"type", "name", "description", "input_schema"}, where)
+        refuse_unknown_keys(tool, {"type", "name", "description", "input_schema"}, where, BLOCK_NO_OP_FIELDS)
         if not isinstance(tool.get("name"), str):
             raise RequestError(f"'{where}.name' must be a string")
         if not isinstance(tool.get("input_schema"), dict):
@@ -261,7 +249,7 @@ def _tool_choice(choice: dict[str, Any] | None) -> tuple[str | dict[str, Any] | 
     model offered several calls tends to repeat one until max_tokens."""
     if choice is None:
         return None, False
-    _check_keys(choice, {"type", "name", "disable_parallel_tool_use"}, "tool_choice")
+    refuse_unknown_keys(choice, {"type", "name", "disable_parallel_tool_use"}, "tool_choice", BLOCK_NO_OP_FIELDS)
     disable = choice.get("disable_parallel_tool_use", True)
     if not isinstance(disable, bool):
         raise RequestError("'tool_choice.disable_parallel_tool_use' must be a boolean")
@@ -289,8 +277,10 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
     # Anthropic's ids begin with toolu_; the call's own id goes on after it.
+    arguments = json.loads(call.arguments)
+    # Anthropic's `input` is an object; a model may write any JSON value as its arguments.
     return {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
-            "input": json.loads(call.arguments)}
+            "input": arguments if isinstance(arguments, dict) else {"arguments": arguments}}
 
 
 def _stop(done: Done | None, calls: list[ToolCall]) -> dict[str, str | None]:
@@ -353,11 +343,12 @@ class _Blocks:
         return sse({"type": "content_block_stop", "index": self.index - 1}, "content_block_stop")
 
     def tool_use(self, call: ToolCall) -> bytes:
-        block = {**_tool_use(call), "input": {}}
-        start = sse({"type": "content_block_start", "index": self.index, "content_block": block},
+        whole = _tool_use(call)
+        start = sse({"type": "content_block_start", "index": self.index, "content_block": {**whole, "input": {}}},
                     "content_block_start")
         delta = sse({"type": "content_block_delta", "index": self.index,
-                     "delta": {"type": "input_json_delta", "partial_json": call.arguments}}, "content_block_delta")
+                     "delta": {"type": "input_json_delta", "partial_json": json.dumps(whole["input"])}},
+                    "content_block_delta")
         return start + delta + self.close()
 
 

@@ -106,7 +106,7 @@ def bias_entries(value: dict[str, float | bool] | list[list[Any]] | None) -> lis
             bias = -math.inf
         elif isinstance(bias, bool) or not isinstance(bias, int | float):
             raise RequestError(f"the logit_bias of {key!r} must be a number or false")
-        if isinstance(key, str) and key.lstrip("-").isdigit() and isinstance(value, dict):
+        if isinstance(key, str) and key.lstrip("-").isascii() and key.lstrip("-").isdigit() and isinstance(value, dict):
             key = int(key)  # an object's keys are token ids, as in OpenAI's form
         if not isinstance(key, str) and not _is_token(key):
             raise RequestError(f"'logit_bias[{i}]' must name a token id or a text")
@@ -317,6 +317,12 @@ async def plan_native(runtime: ChildRuntime, body: NativeCompletionBody) -> Nati
     if body.n_predict == 0:
         body.n_predict = 1  # llama-server samples one token all the same
     parts = prompt_parts(body.prompt)
+    # Checked before any prompt is tokenized: each prompt and choice is a request of the engine's,
+    # and thousands of them would hold the engine's thread and memory before its queue refused.
+    most = runtime.settings.context.n_parallel + runtime.settings.max_queue
+    if len(parts) * body.n > most:
+        raise RequestError(f"{len(parts)} prompts x n={body.n} is more requests than this model takes at once "
+                           f"({most}: its --parallel slots and --max-queue)")
     bias = bias_entries(body.logit_bias)
     prompts, by_token = await on_model(runtime, lambda m: tokenized(m, parts, bias))
     settled = body.model_copy(update={"prompt": prompts[0].tokens, "logit_bias": by_token})

@@ -284,11 +284,24 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 def parse_body(raw: bytes, model: type[BodyT]) -> BodyT:
+    return validate_body(body_object(raw), model)
+
+
+def body_object(raw: bytes) -> dict[str, Any]:
+    """The body's JSON object, or a 400 that says what is wrong."""
     try:
-        data = json_object(raw)
+        return json_object(raw)
     except NotAJsonObject as exc:
         raise RequestError(str(exc)) from exc
-    return validate_body(data, model)
+
+
+def refuse_unknown_keys(part: dict[str, Any], allowed: set[str], where: str,
+                        ignored: frozenset[str] = frozenset()) -> None:
+    """A 400 for a key of a nested object this engine would ignore. An empty value is none: SDKs
+    send back the blocks and items they received with every field they know, most of them null."""
+    for key, value in part.items():
+        if key not in allowed and key not in ignored and value not in (None, [], {}):
+            raise RequestError(f"'{where}.{key}' is not supported by this engine")
 
 
 def validate_body(data: dict[str, Any], model: type[BodyT]) -> BodyT:

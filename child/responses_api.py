@@ -41,8 +41,8 @@ from child.completions import (
 )
 from child.engine.requests import Done, Failed
 from child.generation import Generation
-from child.openai_http import NotAJsonObject, error_response, json_object
-from child.openai_schema import ChatCompletionBody, RequestError, validate_body
+from child.openai_http import error_response
+from child.openai_schema import ChatCompletionBody, RequestError, body_object, refuse_unknown_keys, validate_body
 from child.runtime import ChildRuntime
 from child.serving import cancelled_if_client_leaves
 from child.stream_routes import SSE_HEADERS
@@ -86,10 +86,7 @@ class ResponsesBody(BaseModel):
 
 
 def parse_responses_body(raw: bytes) -> ResponsesBody:
-    try:
-        data = json_object(raw)
-    except NotAJsonObject as exc:
-        raise RequestError(str(exc)) from exc
+    data = body_object(raw)
     for name, value in data.items():
         if name in NEUTRAL_FIELDS:
             accepted, why = NEUTRAL_FIELDS[name]
@@ -139,7 +136,7 @@ def _input_messages(value: Any) -> list[dict[str, Any]]:
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
-            _check_keys(item, {"type", "call_id", "output", "id", "status"}, where)
+            refuse_unknown_keys(item, {"type", "call_id", "output", "id", "status"}, where)
             if not isinstance(item.get("call_id"), str):
                 raise RequestError(f"'{where}.call_id' must be a string")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
@@ -152,16 +149,8 @@ def _input_messages(value: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _check_keys(item: dict[str, Any], allowed: set[str], where: str) -> None:
-    """A 400 for a key this engine would ignore. Empty ones are none: the SDK sends an item it
-    returned back with every field it knows, most of them null."""
-    for key, value in item.items():
-        if key not in allowed and value not in (None, [], {}):
-            raise RequestError(f"'{where}.{key}' is not supported by this engine")
-
-
 def _message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
-    _check_keys(item, {"type", "role", "content", "id", "status"}, where)
+    refuse_unknown_keys(item, {"type", "role", "content", "id", "status"}, where)
     role = item.get("role")
     if role not in ("user", "assistant", "system", "developer"):
         raise RequestError(f"'{where}.role' must be \"user\", \"assistant\", \"system\" or \"developer\", not {role!r}")
@@ -188,7 +177,7 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
 
 
 def _call_item(item: dict[str, Any], where: str) -> dict[str, Any]:
-    _check_keys(item, {"type", "call_id", "name", "arguments", "id", "status"}, where)
+    refuse_unknown_keys(item, {"type", "call_id", "name", "arguments", "id", "status"}, where)
     for key in ("call_id", "name", "arguments"):
         if not isinstance(item.get(key), str):
             raise RequestError(f"'{where}.{key}' must be a string")
@@ -206,7 +195,7 @@ def _tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
         if kind != "function" or not isinstance(tool, dict):
             raise RequestError(f"'{where}' is the built-in tool {kind!r}: this server runs no built-in tools; give "
                                "function tools ({\"type\": \"function\", \"name\", \"parameters\"})")
-        _check_keys(tool, {"type", "name", "description", "parameters", "strict"}, where)
+        refuse_unknown_keys(tool, {"type", "name", "description", "parameters", "strict"}, where)
         function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
         functions.append({"type": "function", "function": function})
     return functions
@@ -224,7 +213,7 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | 
 def _text_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     if text is None:
         return None
-    _check_keys(text, {"format"}, "text")
+    refuse_unknown_keys(text, {"format"}, "text")
     spec = text.get("format")
     if spec is None:
         return None

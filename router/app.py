@@ -74,7 +74,8 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "server_error")
+        kind = "not_found_error" if exc.status_code == 404 else \
+            "invalid_request_error" if 400 <= exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(RequestValidationError)

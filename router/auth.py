@@ -25,7 +25,9 @@ class ApiKeyMiddleware:
         return headers.get(b"x-api-key", b"").strip()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope.get("method") == "OPTIONS":
+        # No exemption for OPTIONS: a browser's preflight is answered by the CORS layer outside
+        # this one (when CORS is on), and any other OPTIONS may reach a model like a GET.
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         presented = self._presented_key(scope)

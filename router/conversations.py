@@ -25,7 +25,9 @@ class ConversationMap:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self.bytes = 0
-        self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # id -> (model, last touched, the number of the `remember` that wrote it)
+        self._owners: OrderedDict[str, tuple[str, float, int]] = OrderedDict()
+        self._writes = 0
         # Requests of a conversation still waiting for their model (a load, room): DELETE cancels them.
         # Bounded by the requests in flight, which the router's queues bound.
         self._waiting: dict[str, set[CancelledByDelete]] = {}
@@ -34,16 +36,24 @@ class ConversationMap:
     def _cost(conversation_id: str, model: str) -> int:
         return len(conversation_id) + len(model) + ENTRY_OVERHEAD_BYTES
 
-    def remember(self, conversation_id: str, model: str) -> None:
+    def remember(self, conversation_id: str, model: str) -> int:
+        """Record the owner; returns this write's number, for `restore`."""
         self._forget(conversation_id)
-        self._owners[conversation_id] = (model, time.monotonic())
+        self._writes += 1
+        self._owners[conversation_id] = (model, time.monotonic(), self._writes)
         self.bytes += self._cost(conversation_id, model)
         while len(self._owners) > self.max_entries or self.bytes > self.max_bytes:
             oldest = next(iter(self._owners))
             self._forget(oldest)
+        return self._writes
 
-    def restore(self, conversation_id: str, owner: str | None) -> None:
-        """Undo a `remember` whose request was not accepted: back to `owner`, or unknown."""
+    def restore(self, conversation_id: str, owner: str | None, write: int) -> None:
+        """Undo the `remember` numbered `write`, whose request was not accepted: back to `owner`
+        (or unknown). Not if another request of the conversation has written since: its record
+        stands (two POSTs with one id, the first failing while the second streams)."""
+        entry = self._owners.get(conversation_id)
+        if entry is None or entry[2] != write:
+            return
         if owner is None:
             self._forget(conversation_id)
         else:
@@ -58,11 +68,11 @@ class ConversationMap:
         entry = self._owners.get(conversation_id)
         if entry is None:
             return None
-        model, touched = entry
+        model, touched, write = entry
         if time.monotonic() - touched > self.ttl_s:
             self._forget(conversation_id)
             return None
-        self._owners[conversation_id] = (model, time.monotonic())
+        self._owners[conversation_id] = (model, time.monotonic(), write)
         self._owners.move_to_end(conversation_id)
         return model
 

@@ -14,7 +14,7 @@ generation there too. Once a stream is relayed, Starlette's StreamingResponse wa
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope
@@ -56,20 +56,24 @@ def target_of(scope: Scope) -> str:
 
 async def relay(client: UpstreamClient, lease: Lease, method: str, target: str,
                 headers: list[tuple[bytes, bytes]], body: bytes,
-                watch: tuple[Scope, Receive] | None = None) -> Response:
+                watch: tuple[Scope, Receive] | None = None,
+                on_abandoned: Callable[[], None] | None = None) -> Response:
     """Send the request to the lease's child and return the response to give the client.
 
     `target` is the encoded path and query (`target_of`), `headers` the client's raw ASGI headers.
     `watch` is the client's ASGI scope and receive channel (its body already read): when given, a
-    client that leaves before the answer has started cancels the upstream request."""
+    client that leaves before the answer has started cancels the upstream request.
+    `on_abandoned` is called when the client leaves a relayed stream before its end (while the
+    lease is still held)."""
     if watch is None:
-        return await _relay(client, lease, method, target, headers, body)
+        return await _relay(client, lease, method, target, headers, body, on_abandoned)
     async with cancelled_if_client_leaves(*watch):
-        return await _relay(client, lease, method, target, headers, body)
+        return await _relay(client, lease, method, target, headers, body, on_abandoned)
 
 
 async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
-                 headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+                 headers: list[tuple[bytes, bytes]], body: bytes,
+                 on_abandoned: Callable[[], None] | None) -> Response:
     record = lease.record
     name = record.name
     metrics = lease.registry.metrics
@@ -108,14 +112,19 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
 
     async def stream() -> AsyncIterator[bytes]:
         relayed = 0
+        ended = False
         try:
             async for chunk in upstream.chunks():
                 relayed += len(chunk)
                 yield chunk
+            ended = True
         except UpstreamError as exc:
+            ended = True
             log.warning("[%s] stream broke off: %s: %s", name, type(exc).__name__, exc)
             yield _sse_error(f"model '{name}' stopped in the middle of the stream ({type(exc).__name__})")
         finally:
+            if not ended and on_abandoned is not None:
+                on_abandoned()
             upstream.release()  # a connection left in the middle of an answer is closed
             lease.release()
             metrics.count_relayed(name, relayed)

@@ -162,6 +162,12 @@ class Registry:
         if limit and record.in_flight >= limit:
             raise TooManyRequests(f"model '{record.name}' already has {limit} requests in flight "
                                   "(its concurrency-limit)", headers={"Retry-After": "1"})
+        return self.hold(record)
+
+    def hold(self, record: ModelRecord) -> Lease:
+        """A lease for work already running in the model (a stream's replay or lookup, a stream
+        whose client left): outside its concurrency-limit, never waiting behind a drain. The
+        caller has checked that the model runs."""
         record.in_flight += 1
         record.last_used = time.monotonic()
         record.last_used_wall = time.time()
@@ -303,7 +309,7 @@ class Registry:
         if files is not None:
             return files.model, files.launch_spec(spec)
         if self._may_start(record) and record.spec is spec:
-            self._background(self._download_then_start(record, self.downloads.fetch_for_load(record)))
+            self.background(self._download_then_start(record, self.downloads.fetch_for_load(record)))
         return None
 
     async def _download_then_start(self, record: ModelRecord, download: asyncio.Task[Any]) -> None:
@@ -349,11 +355,11 @@ class Registry:
             if isinstance(exc, Exception):
                 raise ServerError(f"model '{record.name}': cannot start the child: {exc}") from exc
             raise
-        self._background(self._stop_at_load_timeout(record, child))
+        self.background(self._stop_at_load_timeout(record, child))
         if not spec.speaks_protocol:
-            self._background(self._poll_until_ready(record, child))
+            self.background(self._poll_until_ready(record, child))
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+    def background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -442,7 +448,7 @@ class Registry:
                 log.info("model %s removed from the sources", name)
                 self.events.publish(name, "model_remove", {})
                 if record.child is not None:
-                    self._background(self._retire(record))
+                    self.background(self._retire(record))
             elif spec != record.spec:
                 was_running = record.status.is_running
                 if was_running:

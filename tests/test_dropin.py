@@ -243,3 +243,83 @@ def test_deleting_a_conversation_cancels_its_request_waiting_for_the_model(start
         assert answer.status_code == 409 and "deleted" in answer.json()["error"]["message"]
     time.sleep(1.0)  # busy's stream is over: nothing is waiting for room any more
     assert router.status("tiny") == "unloaded"
+
+
+# -- findings of the review of this work, each a test ---------------------------------------------
+
+def test_options_needs_the_key_and_upstream_takes_no_head_or_options(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"]) + f"[fake]\nmodel = {tiny_model}\nbin = {fake_bin()}\n",
+                          "--api-key", "sekrit")
+    assert router.client.options("/upstream/fake/health").status_code == 401
+    assert router.client.options("/v1/chat/completions").status_code == 401
+    keyed = {"Authorization": "Bearer sekrit"}
+    models = router.client.get("/v1/models", headers=keyed).json()["data"]
+    assert {m["id"]: m["status"]["value"] for m in models}["fake"] == "unloaded"  # nothing loaded without the key
+    assert router.client.head("/upstream/fake/health", headers=keyed).status_code == 405
+    assert router.client.get("/upstream/fake/health", headers=keyed).json() == {"status": "ok"}
+
+
+def test_upstream_reaches_models_whose_name_holds_a_slash(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"]) +
+                          f"[org/fake]\nmodel = {tiny_model}\nbin = {fake_bin()}\n")
+    for url in ("/upstream/org/fake/v1/models", "/upstream/org%2Ffake/v1/models"):
+        answer = router.client.get(url)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"path": "/v1/models", "model": "org/fake"}
+    assert router.client.get("/upstream/org/v1/models").status_code == 400
+
+
+def test_stream_routes_are_outside_the_concurrency_limit(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"], extra="concurrency-limit = 1\n", np=1))
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1800, "ignore_eos": True, "stream": True}
+    with router.client.stream("POST", "/v1/completions", json=body, headers={"X-Conversation-Id": "held"}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+        found = router.client.post("/v1/streams/lookup", json={"conversation_ids": ["held"]})
+        assert found.status_code == 200 and found.json()[0]["conversation_id"] == "held"
+        assert router.client.post("/v1/completions", json={**body, "stream": False}).status_code == 429
+        assert router.client.delete("/v1/stream", params={"conv_id": "held"}).status_code == 204
+
+
+def test_an_abandoned_resumable_stream_keeps_its_model_until_it_ends(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["a", "b"], np=1), "--models-max", "1")
+    body = {"model": "a", "prompt": "hi", "max_tokens": 1800, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    with router.client.stream("POST", "/v1/completions", json=body, headers={"X-Conversation-Id": "gone"}) as r:
+        next(r.iter_lines())
+    # Its client left; the stream goes on. b's load has to wait for it instead of evicting a.
+    answer = router.client.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2})
+    assert answer.status_code == 200
+    assert "load of b waits for room" in router.log_text()
+
+
+def test_native_completion_refuses_more_prompts_than_the_model_takes(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"]))
+    many = router.client.post("/completion", json={"model": "tiny", "n_predict": 1, "prompt": ["a"] * 5000})
+    assert many.status_code == 400 and "--max-queue" in many.json()["error"]["message"]
+    odd = router.client.post("/completion", json={"model": "tiny", "prompt": "hi", "logit_bias": {"²": 1}})
+    assert odd.status_code == 200, odd.text  # a text to bias, not a token id
+
+
+def test_lookup_survives_a_child_that_answers_anything(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"]) + f"[fake]\nmodel = {tiny_model}\nbin = {fake_bin()}\n")
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "x"}]}
+    assert router.client.post("/v1/chat/completions", json=chat, headers={"X-Conversation-Id": "f1"}).status_code == 200
+    found = router.client.post("/v1/streams/lookup", json={"conversation_ids": ["f1"]})
+    assert found.status_code == 200 and found.json() == []  # the fake child answers a chat completion
+    broken = router.client.post("/v1/audio/transcriptions", content=b"--x\r\n",
+                                headers={"content-type": "multipart/form-data"})
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_failed_request_does_not_undo_a_later_one_of_the_same_conversation() -> None:
+    from router.conversations import ConversationMap
+
+    conversations = ConversationMap()
+    first = conversations.remember("c", "a")  # a request that will fail
+    conversations.remember("c", "b")  # a second one, accepted meanwhile
+    conversations.restore("c", None, first)
+    assert conversations.owner("c") == "b"
+    third = conversations.remember("c", "a")
+    conversations.restore("c", "b", third)  # refused: back to what it was
+    assert conversations.owner("c") == "b"

@@ -7,6 +7,7 @@ from starlette.types import Receive, Scope
 
 from child.openai_http import NotAJsonObject, json_object
 from child.protocol import CONVERSATION_HEADER, conversation_id_problem
+from router.abandoned_streams import hold_while_generating
 from router.errors import InvalidRequest
 from router.proxy import relay, target_of
 from router.routes import schemas
@@ -49,11 +50,17 @@ async def proxy_body(scope: Scope, receive: Receive, body: bytes) -> Response:
                              streamed=data.get("stream") is True)
 
 
+# The routes whose streams the child keeps as resumable sessions when X-Conversation-Id is given.
+RESUMABLE_POSTS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
+                             "/completion"})
+
+
 async def proxy_named(scope: Scope, receive: Receive, body: bytes, name: str | None, streamed: bool) -> Response:
     """A POST for the model `name`, with llama.cpp's X-Conversation-Id semantics: the conversation
     is recorded before the request waits for its model (GET/DELETE /v1/stream reach that model
-    from then on), a DELETE of the conversation cancels the request while it waits, and a streamed
-    request does not give up when its client leaves: the child runs it as a resumable stream."""
+    from then on) and kept if the child accepts the request; a DELETE of the conversation cancels
+    the request while it waits; and a resumable stream does not give up when its client leaves:
+    it waits for its model all the same, and the model is held until the child's stream ends."""
     state = scope["app"].state
     conversation_id = conversation_of(scope)
     if conversation_id is None:
@@ -61,18 +68,24 @@ async def proxy_named(scope: Scope, receive: Receive, body: bytes, name: str | N
         return await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, (scope, receive))
     conversations = state.conversations
     before = conversations.owner(conversation_id)
-    conversations.remember(conversation_id, state.registry.get(name).name)
+    write = conversations.remember(conversation_id, state.registry.get(name).name)
+    resumable = streamed and scope["path"] in RESUMABLE_POSTS
     accepted = False
     try:
         async with conversations.waiting(conversation_id):
-            lease = await lease_for(scope, receive, name, outlives_client=streamed)
-        watch = None if streamed else (scope, receive)
-        response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, watch)
+            lease = await lease_for(scope, receive, name, outlives_client=resumable)
+        if resumable:
+            response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body,
+                                   on_abandoned=lambda: hold_while_generating(state.registry, lease.record,
+                                                                              conversation_id))
+        else:
+            response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body,
+                                   (scope, receive))
         accepted = 200 <= response.status_code < 300
         return response
     finally:
         if not accepted:  # refused, failed or cancelled: what the conversation was before stays
-            conversations.restore(conversation_id, before)
+            conversations.restore(conversation_id, before, write)
 
 
 async def proxy_post(request: Request) -> Response:

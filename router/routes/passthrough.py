@@ -11,17 +11,20 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 from fastapi import APIRouter, Request, Response
 
 from child.openai_http import NotAJsonObject, json_object
 from router.errors import InvalidRequest, NotFound
 from router.proxy import relay, target_of
-from router.routes.common import lease_for, model_field, model_in_query
+from router.routes.common import lease_for, model_field, model_in_query, registry_of
 from router.routes.openai import proxy_get, proxy_named
 
 router = APIRouter()
 
-ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+# Not HEAD (its answer has no body, which the relay would wait for) nor OPTIONS (CORS preflights).
+UPSTREAM_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 async def model_of_post(request: Request, body: bytes) -> str | None:
@@ -42,17 +45,24 @@ async def model_of_post(request: Request, body: bytes) -> str | None:
         return None  # nothing names a model: the caller answers 404
 
 
-@router.api_route("/upstream/{model}/{path:path}", methods=ANY_METHOD, include_in_schema=False)
-@router.api_route("/upstream/{model}", methods=ANY_METHOD, include_in_schema=False)
-async def upstream(request: Request, model: str, path: str = "") -> Response:
-    """llama-swap's `/upstream/<model>/<path>`: the child's `/<path>`, query kept."""
+@router.api_route("/upstream/{rest:path}", methods=UPSTREAM_METHODS, include_in_schema=False)
+async def upstream(request: Request, rest: str) -> Response:
+    """llama-swap's `/upstream/<model>/<path>`: the child's `/<path>`, query kept. A model's name
+    may hold `/` (`user/repo:Q4_K_M`): the longest run of leading segments that names a model is
+    the model, the rest its path."""
     body = await request.body()
-    lease = await lease_for(request.scope, request.receive, model)
-    # From the path as the client sent it, still percent-encoded: a decoded `path` could hold a
-    # `?`, or CR LF that would end the request line to the child.
+    # From the path as the client sent it, still percent-encoded: a decoded one could hold a `?`.
     raw_path, _, query = target_of(request.scope).partition("?")
-    parts = raw_path.split("/", 3)  # "", "upstream", the model, the rest
-    target = "/" + (parts[3] if len(parts) > 3 else "") + ("?" + query if query else "")
+    segments = raw_path.split("/")[2:]  # after "", "upstream"
+    registry = registry_of(request)
+    for count in range(len(segments), 0, -1):
+        name = unquote("/".join(segments[:count]))
+        if registry.lookup(name) is not None:
+            break
+    else:
+        raise InvalidRequest(f"model '{unquote(segments[0]) if segments else ''}' not found")
+    lease = await lease_for(request.scope, request.receive, name)
+    target = "/" + "/".join(segments[count:]) + ("?" + query if query else "")
     return await relay(request.app.state.http, lease, request.method, target, request.scope["headers"], body,
                        (request.scope, request.receive))
 

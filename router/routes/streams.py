@@ -12,12 +12,12 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from router.conversations import ConversationMap
-from router.errors import InvalidRequest, NotFound, Unavailable
+from router.errors import InvalidRequest, NotFound, Unavailable, UpstreamFailed
 from router.model_record import ModelRecord
 from router.model_status import ModelStatus
 from router.proxy import relay, target_of
 from router.routes import schemas
-from router.routes.common import json_body, lease_for, registry_of
+from router.routes.common import json_body, registry_of
 
 router = APIRouter()
 
@@ -58,7 +58,7 @@ async def _replay(request: Request, conv_id: str) -> Response:
     _check_offset(request)
     if record.status == ModelStatus.LOADING:
         raise Unavailable("Stream owner model is loading, retry later", headers={"Retry-After": "1"})
-    lease = await lease_for(request.scope, request.receive, record.name, autoload=False)
+    lease = registry_of(request).hold(record)
     return await relay(request.app.state.http, lease, "GET", target_of(request.scope), request.scope["headers"],
                        b"", (request.scope, request.receive))
 
@@ -67,7 +67,7 @@ async def _cancel(request: Request, conv_id: str) -> Response:
     conversations_of(request).cancel_waiting(conv_id)  # its requests still waiting for the model
     record = _owner(request, conv_id)
     if record is not None and record.status.can_serve:
-        lease = await lease_for(request.scope, request.receive, record.name, autoload=False)
+        lease = registry_of(request).hold(record)
         await relay(request.app.state.http, lease, "DELETE", target_of(request.scope), request.scope["headers"],
                     b"")
     return Response(status_code=204)
@@ -104,20 +104,32 @@ async def lookup(request: Request) -> list[dict[str, Any]]:
     ids = data.get("conversation_ids")
     if not isinstance(ids, list):
         return []
-    by_model: dict[str, list[str]] = {}
+    by_model: dict[str, tuple[ModelRecord, list[str]]] = {}
     for conv_id in (i for i in ids if isinstance(i, str) and i):
         record = _owner(request, conv_id)
         if record is not None and record.status.can_serve:
-            by_model.setdefault(record.name, []).append(conv_id)
+            by_model.setdefault(record.name, (record, []))[1].append(conv_id)
     merged: list[dict[str, Any]] = []
-    for name, model_ids in by_model.items():
-        lease = await lease_for(request.scope, request.receive, name, autoload=False)
+    for record, model_ids in by_model.values():
         body = json.dumps({"conversation_ids": model_ids}).encode()
-        response = await relay(request.app.state.http, lease, "POST", "/v1/streams/lookup",
-                               [(b"content-type", b"application/json")], body)
+        try:
+            response = await relay(request.app.state.http, registry_of(request).hold(record), "POST",
+                                   "/v1/streams/lookup", [(b"content-type", b"application/json")], body)
+        except UpstreamFailed:
+            continue  # a child that died knows no streams any more
         if response.status_code == 200:
-            merged.extend(_as_llama_cpp(entry) for entry in json.loads(bytes(response.body)))
+            merged.extend(_as_llama_cpp(entry) for entry in _entries(bytes(response.body)))
     return merged
+
+
+def _entries(body: bytes) -> list[dict[str, Any]]:
+    """A child's lookup answer; whatever a `bin` or `cmd` child answers that is not a list of
+    objects counts as nothing found."""
+    try:
+        found = json.loads(body)
+    except ValueError:
+        return []
+    return [entry for entry in found if isinstance(entry, dict)] if isinstance(found, list) else []
 
 
 def _as_llama_cpp(entry: dict[str, Any]) -> dict[str, Any]:
