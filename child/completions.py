@@ -37,6 +37,7 @@ from child.openai_schema import ChatCompletionBody, CompletionBody, GenerationBo
 from child.runtime import ChildRuntime
 from child.serving import cancelled_if_client_leaves
 from child.stream_routes import SSE_HEADERS
+from child.stream_sessions import Reservation
 from child.tool_calls import (
     Family,
     ToolCall,
@@ -276,13 +277,23 @@ def generation_for(runtime: ChildRuntime, body: GenerationBody, plan: Plan) -> G
     return Generation(runtime, body, plan.prompt, plan.add_special, plan.grammar, plan.logprobs, stop)
 
 
-async def answer(runtime: ChildRuntime, body: GenerationBody, plan: Plan, conversation_id: str | None,
+def refuse_if_deleted(reservation: Reservation, cancel: Callable[[], None]) -> None:
+    """A DELETE of the conversation came while the request was prepared: it does not start."""
+    if reservation.cancelled:
+        cancel()
+        raise RequestError(f"conversation '{reservation.conversation_id}' was deleted while its request was "
+                           "prepared", 409)
+
+
+async def answer(runtime: ChildRuntime, body: GenerationBody, plan: Plan, reservation: Reservation | None,
                  client: Request) -> Response:
+    """`reservation`: the request's conversation (runtime.sessions.reserve), for a resumable stream."""
     generation = generation_for(runtime, body, plan)
-    if body.stream and conversation_id is not None:
+    if body.stream and reservation is not None:
         # Resumable: it runs whether or not this client stays, from the queue on.
         await generation.start()
-        return _stream(runtime, body, plan, generation, conversation_id)
+        refuse_if_deleted(reservation, generation.request.cancel)
+        return _stream(runtime, body, plan, generation, reservation)
     # A client that leaves while its request waits for a slot frees its place; a non-streamed
     # answer is only written at the end, so a client that left would otherwise keep its slots
     # generating for nobody until max_tokens.
@@ -388,7 +399,7 @@ def _choice_json(plan: Plan, state: ChoiceState) -> dict[str, Any]:
 
 
 def _stream(runtime: ChildRuntime, body: GenerationBody, plan: Plan, generation: Generation,
-            conversation_id: str | None) -> Response:
+            reservation: Reservation | None) -> Response:
     base = _base_fields(runtime, plan.chat)
     chunk_object = "chat.completion.chunk" if plan.chat else "text_completion"
     n = generation.request.n
@@ -458,9 +469,9 @@ def _stream(runtime: ChildRuntime, body: GenerationBody, plan: Plan, generation:
             yield sse({**base, "object": chunk_object, "choices": [], "usage": usage_of(dones)})
         yield sse("[DONE]")
 
-    if conversation_id is not None:
+    if reservation is not None:
         # Resumable: the generation feeds the conversation's session and outlives this client.
-        session = runtime.sessions.start(conversation_id, stream())
+        session = runtime.sessions.start(reservation, stream())
         return StreamingResponse(session.follow(0), media_type="text/event-stream", headers=SSE_HEADERS)
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 

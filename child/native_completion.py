@@ -30,7 +30,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from child.completions import Plan, chat_logprob, ensure_ready, on_model, plan_completion, sse
+from child.completions import Plan, chat_logprob, ensure_ready, on_model, plan_completion, refuse_if_deleted, sse
 from child.engine.llama_model import LlamaModel
 from child.engine.requests import Delta, Done, Failed, TokenLogprob
 from child.generation import Generation
@@ -337,13 +337,14 @@ def build_router(runtime: ChildRuntime) -> APIRouter:
     async def completion(request: Request) -> Response:
         ensure_ready(runtime)
         body = parse_body(await request.body(), NativeCompletionBody)
-        answer = await plan_native(runtime, body)
-        conversation_id = conversation_id_of(request)
-        if body.stream and conversation_id is not None:
-            # Resumable (child/stream_sessions.py): it runs whether or not this client stays.
-            await answer.start()
-            session = runtime.sessions.start(conversation_id, answer.stream())
-            return StreamingResponse(session.follow(0), media_type="text/event-stream", headers=SSE_HEADERS)
+        with runtime.sessions.reserve(conversation_id_of(request) if body.stream else None) as reservation:
+            answer = await plan_native(runtime, body)
+            if reservation is not None:
+                # Resumable (child/stream_sessions.py): it runs whether or not this client stays.
+                await answer.start()
+                refuse_if_deleted(reservation, answer.cancel)
+                session = runtime.sessions.start(reservation, answer.stream())
+                return StreamingResponse(session.follow(0), media_type="text/event-stream", headers=SSE_HEADERS)
         # A client that leaves while its request waits for a slot, or before a non-streamed answer
         # is written at its end, frees its slots.
         async with cancelled_if_client_leaves(request.scope, request.receive):

@@ -112,16 +112,18 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         ensure_ready(runtime)
         body = parse_body(await request.body(), ChatCompletionBody)
-        plan = await plan_chat(runtime, body)
-        return await answer(runtime, body, plan, conversation_id_of(request), request)
+        with runtime.sessions.reserve(conversation_id_of(request) if body.stream else None) as reservation:
+            plan = await plan_chat(runtime, body)
+            return await answer(runtime, body, plan, reservation, request)
 
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions(request: Request) -> Response:
         ensure_ready(runtime)
         body = parse_body(await request.body(), CompletionBody)
-        plan = await plan_completion(runtime, body)
-        return await answer(runtime, body, plan, conversation_id_of(request), request)
+        with runtime.sessions.reserve(conversation_id_of(request) if body.stream else None) as reservation:
+            plan = await plan_completion(runtime, body)
+            return await answer(runtime, body, plan, reservation, request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -83,19 +83,50 @@ class StreamSession:
                 "completed_at": self.completed_at}
 
 
+class Reservation:
+    """A resumable request of a conversation, from its arrival until its session starts: a DELETE
+    meanwhile (while the request is templated, its grammar compiled, its slot awaited) cancels it
+    too, not only a session that already runs."""
+
+    def __init__(self, conversation_id: str) -> None:
+        self.conversation_id = conversation_id
+        self.cancelled = False
+
+
 class SessionStore:
     def __init__(self, cap_bytes: int, ttl_s: float) -> None:
         self.cap_bytes = cap_bytes
         self.ttl_s = ttl_s
         self._sessions: dict[str, StreamSession] = {}
+        self._reserved: dict[str, set[Reservation]] = {}  # bounded by the requests being prepared
         self._sweeper: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def reserve(self, conversation_id: str | None) -> Iterator[Reservation | None]:
+        """`with store.reserve(id) as reservation:` prepare the request, then `start` its session
+        with the reservation. None in, None out: a request that is not resumable."""
+        if conversation_id is None:
+            yield None
+            return
+        reservation = Reservation(conversation_id)
+        self._reserved.setdefault(conversation_id, set()).add(reservation)
+        try:
+            yield reservation
+        finally:
+            reservations = self._reserved.get(conversation_id)
+            if reservations is not None:
+                reservations.discard(reservation)
+                if not reservations:
+                    del self._reserved[conversation_id]
 
     def get(self, conversation_id: str) -> StreamSession | None:
         self._expire()
         return self._sessions.get(conversation_id)
 
-    def start(self, conversation_id: str, source: AsyncIterator[bytes]) -> StreamSession:
-        """A new session fed by `source` in the background; replaces (and cancels) an older one."""
+    def start(self, reservation: Reservation, source: AsyncIterator[bytes]) -> StreamSession:
+        """A new session fed by `source` in the background; replaces (and cancels) an older one.
+        The caller has checked that the reservation was not cancelled."""
+        conversation_id = reservation.conversation_id
         self.cancel(conversation_id)
         session = StreamSession(conversation_id, self.cap_bytes)
         session.task = asyncio.create_task(self._pump(session, source), name=f"stream-{conversation_id}")
@@ -118,7 +149,10 @@ class SessionStore:
             session.finish()
 
     def cancel(self, conversation_id: str) -> bool:
-        """Stop a conversation's generation; True if there was a session."""
+        """Stop a conversation's generation, and its requests still being prepared; True if there
+        was a session."""
+        for reservation in self._reserved.get(conversation_id, ()):
+            reservation.cancelled = True
         session = self._sessions.pop(conversation_id, None)
         if session is None:
             return False
@@ -152,3 +186,4 @@ class SessionStore:
             self.cancel(cid)
         if self._sweeper is not None:
             self._sweeper.cancel()
+

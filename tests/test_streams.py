@@ -168,3 +168,25 @@ def test_streams_routes_need_the_api_key(start_router, tiny_model: Path) -> None
                             headers={"Authorization": "Bearer sekrit"})
     assert ok.status_code == 200 and ok.json() == []
     assert router.client.get("/models", headers={"x-api-key": "sekrit"}).status_code == 200
+
+
+def test_streams_a_delete_while_the_request_is_prepared_stops_it_before_it_starts() -> None:
+    """The child's side of DELETE /v1/stream: a request of the conversation that is still being
+    prepared (templated, its grammar compiled) when the DELETE comes never starts its session."""
+    from child.completions import refuse_if_deleted
+    from child.openai_schema import RequestError
+    from child.stream_sessions import SessionStore
+
+    store = SessionStore(cap_bytes=1024, ttl_s=60)
+    cancelled: list[bool] = []
+    with store.reserve("c1") as reservation, store.reserve("c2") as other:
+        assert reservation is not None and other is not None
+        assert store.cancel("c1") is False  # no session yet, but the reservation hears of it
+        with pytest.raises(RequestError, match="was deleted") as refused:
+            refuse_if_deleted(reservation, lambda: cancelled.append(True))
+        assert refused.value.status == 409 and cancelled == [True]  # its engine request is cancelled
+        refuse_if_deleted(other, lambda: cancelled.append(False))  # another conversation goes on
+    assert cancelled == [True]
+    with store.reserve(None) as nothing:
+        assert nothing is None
+    assert store._reserved == {}  # nothing is left behind, whatever was prepared
