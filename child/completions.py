@@ -37,7 +37,7 @@ from child.openai_schema import ChatCompletionBody, CompletionBody, GenerationBo
 from child.runtime import ChildRuntime
 from child.serving import cancelled_if_client_leaves
 from child.stream_routes import SSE_HEADERS
-from child.stream_sessions import Reservation
+from child.stream_sessions import Reservation, SessionStore
 from child.tool_calls import (
     Family,
     ToolCall,
@@ -277,12 +277,14 @@ def generation_for(runtime: ChildRuntime, body: GenerationBody, plan: Plan) -> G
     return Generation(runtime, body, plan.prompt, plan.add_special, plan.grammar, plan.logprobs, stop)
 
 
-def refuse_if_deleted(reservation: Reservation, cancel: Callable[[], None]) -> None:
-    """A DELETE of the conversation came while the request was prepared: it does not start."""
-    if reservation.cancelled:
+def refuse_if_deleted(sessions: SessionStore, reservation: Reservation, cancel: Callable[[], None]) -> None:
+    """A DELETE of the conversation, or a later request of it, came while this one was prepared:
+    it does not start (`cancel` frees what it holds in the engine)."""
+    refusal = sessions.refusal(reservation)
+    if refusal is not None:
         cancel()
-        raise RequestError(f"conversation '{reservation.conversation_id}' was deleted while its request was "
-                           "prepared", 409)
+        raise RequestError(f"conversation '{reservation.conversation_id}' was {refusal} while this request "
+                           "was prepared", 409)
 
 
 async def answer(runtime: ChildRuntime, body: GenerationBody, plan: Plan, reservation: Reservation | None,
@@ -292,7 +294,7 @@ async def answer(runtime: ChildRuntime, body: GenerationBody, plan: Plan, reserv
     if body.stream and reservation is not None:
         # Resumable: it runs whether or not this client stays, from the queue on.
         await generation.start()
-        refuse_if_deleted(reservation, generation.request.cancel)
+        refuse_if_deleted(runtime.sessions, reservation, generation.request.cancel)
         return _stream(runtime, body, plan, generation, reservation)
     # A client that leaves while its request waits for a slot frees its place; a non-streamed
     # answer is only written at the end, so a client that left would otherwise keep its slots

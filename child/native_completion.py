@@ -336,13 +336,13 @@ def build_router(runtime: ChildRuntime) -> APIRouter:
     @router.post("/completion")
     async def completion(request: Request) -> Response:
         ensure_ready(runtime)
-        body = parse_body(await request.body(), NativeCompletionBody)
-        with runtime.sessions.reserve(conversation_id_of(request) if body.stream else None) as reservation:
+        with runtime.sessions.reserve(conversation_id_of(request)) as reservation:  # before the body is read
+            body = parse_body(await request.body(), NativeCompletionBody)
             answer = await plan_native(runtime, body)
-            if reservation is not None:
+            if body.stream and reservation is not None:
                 # Resumable (child/stream_sessions.py): it runs whether or not this client stays.
                 await answer.start()
-                refuse_if_deleted(reservation, answer.cancel)
+                refuse_if_deleted(runtime.sessions, reservation, answer.cancel)
                 session = runtime.sessions.start(reservation, answer.stream())
                 return StreamingResponse(session.follow(0), media_type="text/event-stream", headers=SSE_HEADERS)
         # A client that leaves while its request waits for a slot, or before a non-streamed answer

@@ -111,8 +111,8 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
     @app.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         ensure_ready(runtime)
-        body = parse_body(await request.body(), ChatCompletionBody)
-        with runtime.sessions.reserve(conversation_id_of(request) if body.stream else None) as reservation:
+        with runtime.sessions.reserve(conversation_id_of(request)) as reservation:  # before the body is read
+            body = parse_body(await request.body(), ChatCompletionBody)
             plan = await plan_chat(runtime, body)
             return await answer(runtime, body, plan, reservation, request)
 
@@ -120,8 +120,8 @@ def create_app(runtime: ChildRuntime) -> FastAPI:
     @app.post("/completions")
     async def completions(request: Request) -> Response:
         ensure_ready(runtime)
-        body = parse_body(await request.body(), CompletionBody)
-        with runtime.sessions.reserve(conversation_id_of(request) if body.stream else None) as reservation:
+        with runtime.sessions.reserve(conversation_id_of(request)) as reservation:  # before the body is read
+            body = parse_body(await request.body(), CompletionBody)
             plan = await plan_completion(runtime, body)
             return await answer(runtime, body, plan, reservation, request)
 

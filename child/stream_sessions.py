@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -34,6 +35,7 @@ class StreamSession:
         self._dropped = 0  # absolute offset of _buffer[0]
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.number = 0  # its request's Reservation.number
 
     @property
     def total_bytes(self) -> int:
@@ -84,13 +86,15 @@ class StreamSession:
 
 
 class Reservation:
-    """A resumable request of a conversation, from its arrival until its session starts: a DELETE
-    meanwhile (while the request is templated, its grammar compiled, its slot awaited) cancels it
-    too, not only a session that already runs."""
+    """A resumable request of a conversation, from its arrival (before its body is read) until its
+    session starts: a DELETE meanwhile (while the request is read, templated, its grammar
+    compiled) cancels it too, not only a session that already runs. Numbered in order of arrival:
+    of two requests of one conversation, the later one wins, whichever is ready first."""
 
-    def __init__(self, conversation_id: str) -> None:
+    def __init__(self, conversation_id: str, number: int) -> None:
         self.conversation_id = conversation_id
-        self.cancelled = False
+        self.number = number
+        self.cancelled: str | None = None  # why it must not start
 
 
 class SessionStore:
@@ -99,6 +103,7 @@ class SessionStore:
         self.ttl_s = ttl_s
         self._sessions: dict[str, StreamSession] = {}
         self._reserved: dict[str, set[Reservation]] = {}  # bounded by the requests being prepared
+        self._arrivals = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
@@ -108,7 +113,7 @@ class SessionStore:
         if conversation_id is None:
             yield None
             return
-        reservation = Reservation(conversation_id)
+        reservation = Reservation(conversation_id, next(self._arrivals))
         self._reserved.setdefault(conversation_id, set()).add(reservation)
         try:
             yield reservation
@@ -123,12 +128,25 @@ class SessionStore:
         self._expire()
         return self._sessions.get(conversation_id)
 
+    def refusal(self, reservation: Reservation) -> str | None:
+        """Why the reserved request must not start: deleted meanwhile, or a later request of the
+        conversation has started already."""
+        running = self._sessions.get(reservation.conversation_id)
+        if reservation.cancelled is None and running is not None and running.number > reservation.number:
+            return "replaced by a later request"
+        return reservation.cancelled
+
     def start(self, reservation: Reservation, source: AsyncIterator[bytes]) -> StreamSession:
-        """A new session fed by `source` in the background; replaces (and cancels) an older one.
-        The caller has checked that the reservation was not cancelled."""
+        """A new session fed by `source` in the background; replaces (and cancels) an older one,
+        and stops the conversation's requests that came before it and are still being prepared.
+        The caller has checked `refusal`."""
         conversation_id = reservation.conversation_id
-        self.cancel(conversation_id)
+        for earlier in self._reserved.get(conversation_id, ()):
+            if earlier.number < reservation.number:
+                earlier.cancelled = "replaced by a later request"
+        self._stop_session(conversation_id)
         session = StreamSession(conversation_id, self.cap_bytes)
+        session.number = reservation.number
         session.task = asyncio.create_task(self._pump(session, source), name=f"stream-{conversation_id}")
         self._sessions[conversation_id] = session
         self._ensure_sweeper()
@@ -149,10 +167,13 @@ class SessionStore:
             session.finish()
 
     def cancel(self, conversation_id: str) -> bool:
-        """Stop a conversation's generation, and its requests still being prepared; True if there
-        was a session."""
+        """DELETE: stop a conversation's generation, and its requests still being prepared; True
+        if there was a session."""
         for reservation in self._reserved.get(conversation_id, ()):
-            reservation.cancelled = True
+            reservation.cancelled = "deleted"
+        return self._stop_session(conversation_id)
+
+    def _stop_session(self, conversation_id: str) -> bool:
         session = self._sessions.pop(conversation_id, None)
         if session is None:
             return False

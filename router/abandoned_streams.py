@@ -1,9 +1,12 @@
 """A resumable stream whose client left keeps generating in its child (the client may come back
-for it). The router then holds a lease on the model until the child says the stream has ended, so
-that the model is neither evicted to make room nor unloaded as idle under it.
+for it). The router then holds a lease on the model until the child says the conversation's
+stream has ended, so that the model is neither evicted to make room nor unloaded as idle under it.
 
-The child is asked every POLL_INTERVAL_S through its /v1/streams/lookup; a child that stops
-answering, or a model that stops, ends the hold, and so does the router's read timeout.
+One hold per model and conversation, however many of its requests were abandoned (a new POST with
+the same id replaces the stream in the child). The hold is outside the model's concurrency-limit:
+it is work already admitted. The child is asked every POLL_INTERVAL_S through its
+/v1/streams/lookup; a child that stops answering, a model that stops, or the router's read
+timeout end the hold.
 """
 
 from __future__ import annotations
@@ -20,40 +23,61 @@ from router.upstream_client import UpstreamError
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.5
+POLL_TIMEOUT_S = 5.0
 
 
-def hold_while_generating(registry: Registry, record: ModelRecord, conversation_id: str) -> None:
-    """Called while the abandoned relay still holds its own lease: the model never looks idle."""
-    registry.background(_hold(registry, registry.hold(record), conversation_id))
+class StreamHolds:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._held: set[tuple[ModelRecord, str]] = set()
 
-
-async def _hold(registry: Registry, lease: Lease, conversation_id: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + registry.settings.timeout_s
-    body = json.dumps({"conversation_ids": [conversation_id]}).encode()
-    try:
-        while loop.time() < deadline:
-            await asyncio.sleep(POLL_INTERVAL_S)
-            if not await _still_generating(registry, lease.record, body):
-                return
-        log.warning("[%s] stream %s still runs after --timeout: the model is no longer held for it",
-                    lease.record.name, conversation_id)
-    finally:
-        lease.release()
-
-
-async def _still_generating(registry: Registry, record: ModelRecord, body: bytes) -> bool:
-    port = record.port
-    if port is None or not record.status.can_serve:
-        return False
-    try:
-        upstream = await registry.http.request("POST", CHILD_HOST, port, "/v1/streams/lookup",
-                                               [(b"content-type", b"application/json")], body)
+    def hold(self, record: ModelRecord, conversation_id: str) -> None:
+        """Called while the abandoned relay still holds its own lease: the model never looks idle."""
+        key = (record, conversation_id)
+        if key in self._held:
+            return
+        lease = self.registry.hold(record)
+        self._held.add(key)
+        log.info("[%s] stream %s goes on for a client that left: the model is held until it ends",
+                 record.name, conversation_id)
         try:
-            data = await upstream.read()
+            self.registry.background(self._hold(lease, conversation_id))
+        except BaseException:
+            self._held.discard(key)
+            lease.release()
+            raise
+
+    async def _hold(self, lease: Lease, conversation_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.registry.settings.timeout_s
+        body = json.dumps({"conversation_ids": [conversation_id]}).encode()
+        try:
+            while (remaining := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(POLL_INTERVAL_S, remaining))
+                try:
+                    async with asyncio.timeout(POLL_TIMEOUT_S):
+                        if not await self._still_generating(lease.record, body):
+                            return
+                except TimeoutError:
+                    return  # a child that does not answer a lookup in time is not held for
+            log.warning("[%s] stream %s still runs after --timeout: the model is no longer held for it",
+                        lease.record.name, conversation_id)
         finally:
-            upstream.release()
-        found = json.loads(data)
-    except (UpstreamError, ValueError):
-        return False
-    return isinstance(found, list) and any(isinstance(e, dict) and e.get("is_done") is False for e in found)
+            self._held.discard((lease.record, conversation_id))
+            lease.release()
+
+    async def _still_generating(self, record: ModelRecord, body: bytes) -> bool:
+        port = record.port
+        if port is None or not record.status.can_serve:
+            return False
+        try:
+            upstream = await self.registry.http.request("POST", CHILD_HOST, port, "/v1/streams/lookup",
+                                                        [(b"content-type", b"application/json")], body)
+            try:
+                data = await upstream.read()
+            finally:
+                upstream.release()
+            found = json.loads(data)
+        except (UpstreamError, ValueError):
+            return False
+        return isinstance(found, list) and any(isinstance(e, dict) and e.get("is_done") is False for e in found)

@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from child.serving import ClientDisconnected, fastapi_options
+from router.abandoned_streams import StreamHolds
 from router.auth import ApiKeyMiddleware
 from router.body_limit import BodyLimitMiddleware
 from router.conversations import ConversationMap
@@ -65,6 +66,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     conversations = app.state.conversations = ConversationMap()
     registry.metrics.watch_conversations(lambda: len(conversations), lambda: conversations.bytes)
     registry.downloads = app.state.downloads = Downloads(registry, settings.hf_token)
+    app.state.stream_holds = StreamHolds(registry)
 
     @app.exception_handler(RouterError)
     @app.exception_handler(ClientDisconnected)

@@ -21,7 +21,8 @@ class ModelRecord:
         self.meta: dict[str, Any] = {}
         self.args: list[str] = []
         self.resolved_model_path: str | None = None
-        self.in_flight = 0
+        self.in_flight = 0  # leases held: requests, and work already running (it keeps the model busy)
+        self.limited_in_flight = 0  # of those, the requests its concurrency-limit counts
         self.last_used = 0.0
         self.loading_since = 0.0
         self.last_used_wall = 0.0  # time.time() of the last request, for people to read

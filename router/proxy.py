@@ -57,23 +57,24 @@ def target_of(scope: Scope) -> str:
 async def relay(client: UpstreamClient, lease: Lease, method: str, target: str,
                 headers: list[tuple[bytes, bytes]], body: bytes,
                 watch: tuple[Scope, Receive] | None = None,
-                on_abandoned: Callable[[], None] | None = None) -> Response:
+                on_abandoned: Callable[[], None] | None = None, whole: bool = False) -> Response:
     """Send the request to the lease's child and return the response to give the client.
 
     `target` is the encoded path and query (`target_of`), `headers` the client's raw ASGI headers.
     `watch` is the client's ASGI scope and receive channel (its body already read): when given, a
     client that leaves before the answer has started cancels the upstream request.
     `on_abandoned` is called when the client leaves a relayed stream before its end (while the
-    lease is still held)."""
+    lease is still held). `whole`: the answer is read whole even if it is a stream (for the
+    router's own use of it)."""
     if watch is None:
-        return await _relay(client, lease, method, target, headers, body, on_abandoned)
+        return await _relay(client, lease, method, target, headers, body, on_abandoned, whole)
     async with cancelled_if_client_leaves(*watch):
-        return await _relay(client, lease, method, target, headers, body, on_abandoned)
+        return await _relay(client, lease, method, target, headers, body, on_abandoned, whole)
 
 
 async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
                  headers: list[tuple[bytes, bytes]], body: bytes,
-                 on_abandoned: Callable[[], None] | None) -> Response:
+                 on_abandoned: Callable[[], None] | None, whole: bool) -> Response:
     record = lease.record
     name = record.name
     metrics = lease.registry.metrics
@@ -96,7 +97,7 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
     response_headers = [(k, v) for k, v in upstream.headers if k not in _DROP_RESPONSE_HEADERS]
     status = upstream.status
 
-    if not (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
+    if whole or not (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
         try:
             data = await upstream.read()
         except UpstreamError as exc:
@@ -123,8 +124,11 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
             log.warning("[%s] stream broke off: %s: %s", name, type(exc).__name__, exc)
             yield _sse_error(f"model '{name}' stopped in the middle of the stream ({type(exc).__name__})")
         finally:
-            if not ended and on_abandoned is not None:
-                on_abandoned()
+            try:
+                if not ended and on_abandoned is not None:
+                    on_abandoned()
+            except Exception:  # noqa: BLE001 - the relay's own lease and connection go whatever it does
+                log.exception("[%s] after a client left its stream", name)
             upstream.release()  # a connection left in the middle of an answer is closed
             lease.release()
             metrics.count_relayed(name, relayed)

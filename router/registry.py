@@ -47,15 +47,16 @@ log = logging.getLogger(__name__)
 class Lease:
     """A request's claim on a model; released exactly once."""
 
-    def __init__(self, registry: Registry, record: ModelRecord) -> None:
+    def __init__(self, registry: Registry, record: ModelRecord, limited: bool) -> None:
         self.registry = registry
         self.record = record
+        self.limited = limited  # counted against the model's concurrency-limit
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.registry._release(self.record)
+            self.registry._release(self)
 
 
 class Registry:
@@ -159,19 +160,23 @@ class Registry:
     def _claim(self, record: ModelRecord) -> Lease:
         """One more request on the model, within its `concurrency-limit` (llama-swap's 429)."""
         limit = record.spec.concurrency_limit
-        if limit and record.in_flight >= limit:
+        if limit and record.limited_in_flight >= limit:
             raise TooManyRequests(f"model '{record.name}' already has {limit} requests in flight "
                                   "(its concurrency-limit)", headers={"Retry-After": "1"})
-        return self.hold(record)
+        record.limited_in_flight += 1
+        return self._lease(record, limited=True)
 
     def hold(self, record: ModelRecord) -> Lease:
         """A lease for work already running in the model (a stream's replay or lookup, a stream
-        whose client left): outside its concurrency-limit, never waiting behind a drain. The
-        caller has checked that the model runs."""
+        whose client left): busy all the same, but outside its concurrency-limit, and never
+        waiting behind a drain. The caller has checked that the model runs."""
+        return self._lease(record, limited=False)
+
+    def _lease(self, record: ModelRecord, limited: bool) -> Lease:
         record.in_flight += 1
         record.last_used = time.monotonic()
         record.last_used_wall = time.time()
-        return Lease(self, record)
+        return Lease(self, record, limited)
 
     async def acquire(self, name: str | None, autoload: bool) -> Lease:
         """Claim a model for one request and make sure it can serve (loading it if allowed)."""
@@ -193,8 +198,11 @@ class Registry:
     def closed_to_new_requests(self, record: ModelRecord) -> bool:
         return record in self._evicting or self.admission.drained is record
 
-    def _release(self, record: ModelRecord) -> None:
+    def _release(self, lease: Lease) -> None:
+        record = lease.record
         record.in_flight -= 1
+        if lease.limited:
+            record.limited_in_flight -= 1
         record.last_used = time.monotonic()
         if record.in_flight == 0:
             self.notify_room()

@@ -7,7 +7,7 @@ Flags make it misbehave on purpose: --load-delay S, --crash-after S (exit 3 that
 --fail-load (exit 1 while loading), --slow-load-if FILE (load for 60 s while FILE exists),
 --ignore-exit (ignore the exit command), --garbage (print
 junk and half protocol lines on stdout), --token-delay S and --tokens N for the stream,
---answer-delay S before a non-streamed answer.
+--answer-delay S before a non-streamed answer, --always-stream to stream whatever is asked.
 Standard library only, so it runs under any python3.
 """
 
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.01)
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--answer-delay", type=float, default=0.0)
+    parser.add_argument("--always-stream", action="store_true", help="answer every JSON POST as a stream")
     args, _unknown = parser.parse_known_args()
 
     def watch_stdin() -> None:
@@ -109,7 +110,7 @@ def main() -> None:
                 self._json(200, {"path": self.path, "model": alias, "method": "POST", "bytes": len(raw),
                                  "content_type": self.headers.get("Content-Type")})
                 return
-            if not body.get("stream"):
+            if not body.get("stream") and not args.always_stream:
                 time.sleep(args.answer_delay)
                 self._json(200, {"object": "chat.completion", "model": alias, "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": "fake " * tokens},

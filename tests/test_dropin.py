@@ -269,12 +269,18 @@ def test_upstream_reaches_models_whose_name_holds_a_slash(start_router, tiny_mod
     assert router.client.get("/upstream/org/v1/models").status_code == 400
 
 
-def test_stream_routes_are_outside_the_concurrency_limit(start_router, tiny_model: Path) -> None:
-    router = start_router(tiny_preset(tiny_model, ["tiny"], extra="concurrency-limit = 1\n", np=1))
+def _slow_preset(smollm2_model: Path) -> str:
+    """SmolLM2 with one slot: a long generation takes seconds, whatever the machine."""
+    return f"version = 1\n[tiny]\nmodel = {smollm2_model}\nc = 2048\nnp = 1\nt = 1\nconcurrency-limit = 1\n"
+
+
+def test_stream_routes_are_outside_the_concurrency_limit(start_router, smollm2_model: Path) -> None:
+    router = start_router(_slow_preset(smollm2_model))
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 1800, "ignore_eos": True, "stream": True}
     with router.client.stream("POST", "/v1/completions", json=body, headers={"X-Conversation-Id": "held"}) as r:
         assert r.status_code == 200
-        next(r.iter_lines())
+        lines = r.iter_lines()  # kept: an iterator dropped after one line closes the connection
+        next(lines)
         found = router.client.post("/v1/streams/lookup", json={"conversation_ids": ["held"]})
         assert found.status_code == 200 and found.json()[0]["conversation_id"] == "held"
         assert router.client.post("/v1/completions", json={**body, "stream": False}).status_code == 429
@@ -323,3 +329,38 @@ def test_a_failed_request_does_not_undo_a_later_one_of_the_same_conversation() -
     third = conversations.remember("c", "a")
     conversations.restore("c", "b", third)  # refused: back to what it was
     assert conversations.owner("c") == "b"
+
+
+def test_abandoned_requests_of_one_conversation_hold_their_model_once(start_router, smollm2_model: Path) -> None:
+    router = start_router(_slow_preset(smollm2_model))
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1800, "ignore_eos": True, "stream": True}
+    for _ in range(2):  # the second replaces the first in the child
+        with router.client.stream("POST", "/v1/completions", json=body, headers={"X-Conversation-Id": "r"}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+    held = "stream r goes on for a client that left"
+    deadline = time.monotonic() + 10
+    while held not in router.log_text() or router.model_entry("tiny")["in_flight"] != 1:
+        assert time.monotonic() < deadline, router.model_entry("tiny")  # the relays' leases go, one hold stays
+        time.sleep(0.05)
+    assert router.log_text().count(held) == 1
+    # The hold is work already admitted: a new request is not over the limit because of it (it
+    # waits for the one slot; the DELETE frees it).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(router.client.post, "/v1/completions",
+                              json={**body, "stream": False, "max_tokens": 2})
+        time.sleep(0.5)
+        assert router.client.delete("/v1/stream", params={"conv_id": "r"}).status_code == 204
+        answer = waiting.result()
+    assert answer.status_code == 200, answer.text + "\n" + "\n".join(router.lines[-30:])
+
+
+def test_stream_routes_read_a_childs_streamed_answer_whole(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"]) +
+                          f"[sse]\nmodel = {tiny_model}\nbin = {fake_bin('--always-stream', '--tokens', '3')}\n")
+    chat = {"model": "sse", "messages": [{"role": "user", "content": "x"}]}
+    assert router.client.post("/v1/chat/completions", json=chat, headers={"X-Conversation-Id": "s1"}).status_code == 200
+    found = router.client.post("/v1/streams/lookup", json={"conversation_ids": ["s1"]})
+    assert found.status_code == 200 and found.json() == []
+    assert router.client.delete("/v1/stream", params={"conv_id": "s1"}).status_code == 204
+    assert router.model_entry("sse")["in_flight"] == 0  # no lease left behind by either

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -172,21 +174,36 @@ def test_streams_routes_need_the_api_key(start_router, tiny_model: Path) -> None
 
 def test_streams_a_delete_while_the_request_is_prepared_stops_it_before_it_starts() -> None:
     """The child's side of DELETE /v1/stream: a request of the conversation that is still being
-    prepared (templated, its grammar compiled) when the DELETE comes never starts its session."""
+    prepared (its body read, templated, its grammar compiled) when the DELETE comes never starts
+    its session; of two requests of one conversation, the later one wins whichever is ready first."""
     from child.completions import refuse_if_deleted
     from child.openai_schema import RequestError
     from child.stream_sessions import SessionStore
 
-    store = SessionStore(cap_bytes=1024, ttl_s=60)
-    cancelled: list[bool] = []
-    with store.reserve("c1") as reservation, store.reserve("c2") as other:
-        assert reservation is not None and other is not None
-        assert store.cancel("c1") is False  # no session yet, but the reservation hears of it
-        with pytest.raises(RequestError, match="was deleted") as refused:
-            refuse_if_deleted(reservation, lambda: cancelled.append(True))
-        assert refused.value.status == 409 and cancelled == [True]  # its engine request is cancelled
-        refuse_if_deleted(other, lambda: cancelled.append(False))  # another conversation goes on
-    assert cancelled == [True]
-    with store.reserve(None) as nothing:
-        assert nothing is None
-    assert store._reserved == {}  # nothing is left behind, whatever was prepared
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data: x\n\n"
+
+    async def scenario() -> None:
+        store = SessionStore(cap_bytes=1024, ttl_s=60)
+        cancelled: list[str] = []
+        with store.reserve("c1") as deleted, store.reserve("c2") as other:
+            assert deleted is not None and other is not None
+            assert store.cancel("c1") is False  # no session yet, but the reservation hears of it
+            with pytest.raises(RequestError, match="was deleted") as refused:
+                refuse_if_deleted(store, deleted, lambda: cancelled.append("c1"))
+            assert refused.value.status == 409 and cancelled == ["c1"]  # its engine request is cancelled
+            refuse_if_deleted(store, other, lambda: cancelled.append("c2"))  # another conversation goes on
+        assert cancelled == ["c1"]
+        with store.reserve("c3") as first, store.reserve("c3") as second:
+            assert first is not None and second is not None
+            refuse_if_deleted(store, second, lambda: cancelled.append("second"))
+            store.start(second, chunks())  # the later request is ready first: it runs
+            with pytest.raises(RequestError, match="replaced by a later request"):
+                refuse_if_deleted(store, first, lambda: cancelled.append("first"))
+        assert cancelled == ["c1", "first"]
+        with store.reserve(None) as nothing:
+            assert nothing is None
+        assert store._reserved == {}  # nothing is left behind, whatever was prepared
+        store.close()
+
+    asyncio.run(scenario())

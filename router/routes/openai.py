@@ -7,7 +7,6 @@ from starlette.types import Receive, Scope
 
 from child.openai_http import NotAJsonObject, json_object
 from child.protocol import CONVERSATION_HEADER, conversation_id_problem
-from router.abandoned_streams import hold_while_generating
 from router.errors import InvalidRequest
 from router.proxy import relay, target_of
 from router.routes import schemas
@@ -76,8 +75,7 @@ async def proxy_named(scope: Scope, receive: Receive, body: bytes, name: str | N
             lease = await lease_for(scope, receive, name, outlives_client=resumable)
         if resumable:
             response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body,
-                                   on_abandoned=lambda: hold_while_generating(state.registry, lease.record,
-                                                                              conversation_id))
+                                   on_abandoned=lambda: state.stream_holds.hold(lease.record, conversation_id))
         else:
             response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body,
                                    (scope, receive))

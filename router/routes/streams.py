@@ -6,6 +6,8 @@ and `completed_at: 0` while a stream is live.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -64,12 +66,16 @@ async def _replay(request: Request, conv_id: str) -> Response:
 
 
 async def _cancel(request: Request, conv_id: str) -> Response:
-    conversations_of(request).cancel_waiting(conv_id)  # its requests still waiting for the model
+    if conversations_of(request).cancel_waiting(conv_id):  # its requests still waiting for the model
+        # They give up at their next step, putting the conversation back to its owner before them
+        # (a stream that may still run there): one turn of the loop, then the owner is read.
+        await asyncio.sleep(0)
     record = _owner(request, conv_id)
     if record is not None and record.status.can_serve:
         lease = registry_of(request).hold(record)
-        await relay(request.app.state.http, lease, "DELETE", target_of(request.scope), request.scope["headers"],
-                    b"")
+        with contextlib.suppress(UpstreamFailed):  # a child that died has no stream left to stop
+            await relay(request.app.state.http, lease, "DELETE", target_of(request.scope), request.scope["headers"],
+                        b"", whole=True)
     return Response(status_code=204)
 
 
@@ -114,7 +120,8 @@ async def lookup(request: Request) -> list[dict[str, Any]]:
         body = json.dumps({"conversation_ids": model_ids}).encode()
         try:
             response = await relay(request.app.state.http, registry_of(request).hold(record), "POST",
-                                   "/v1/streams/lookup", [(b"content-type", b"application/json")], body)
+                                   "/v1/streams/lookup", [(b"content-type", b"application/json")], body,
+                                   whole=True)
         except UpstreamFailed:
             continue  # a child that died knows no streams any more
         if response.status_code == 200:
