@@ -187,6 +187,20 @@ class EventFeed:
         self._client.close()
 
 
+@contextlib.contextmanager
+def smollm2_router(folder: Path, smollm2_model: Path, settings: str) -> Iterator[RouterProcess]:
+    """A router serving SmolLM2 as `smollm2`, loaded at startup, with these preset lines (a
+    module's shared router: `with smollm2_router(...) as router: yield router`)."""
+    preset = write_preset(folder / "preset.ini",
+                          f"version = 1\n[smollm2]\nmodel = {smollm2_model}\nload-on-startup = true\n{settings}\n")
+    process = RouterProcess(["--models-preset", str(preset)], hf_cache=folder / "hf-cache")
+    try:
+        process.wait_status("smollm2", "loaded", timeout_s=120)
+        yield process
+    finally:
+        process.stop()
+
+
 def write_preset(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

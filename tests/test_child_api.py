@@ -20,27 +20,16 @@ import pytest
 from openai import BadRequestError, OpenAI
 from pydantic import BaseModel
 
-from conftest import RouterProcess, write_preset
+from conftest import RouterProcess, smollm2_router
 
 SLOTS = 4
 
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory, smollm2_model: Path) -> Iterator[RouterProcess]:
-    folder = tmp_path_factory.mktemp("api")
-    preset = write_preset(folder / "preset.ini", f"""version = 1
-[smollm2]
-model = {smollm2_model}
-c = 8192
-np = {SLOTS}
-t = 2
-embeddings = true
-load-on-startup = true
-""")
-    process = RouterProcess(["--models-preset", str(preset)], hf_cache=folder / "hf-cache")
-    process.wait_status("smollm2", "loaded", timeout_s=120)
-    yield process
-    process.stop()
+    settings = f"c = 8192\nnp = {SLOTS}\nt = 2\nembeddings = true"
+    with smollm2_router(tmp_path_factory.mktemp("api"), smollm2_model, settings) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from openai import BadRequestError, OpenAI
 
-from conftest import RouterProcess, write_preset
+from conftest import RouterProcess, smollm2_router
 
 GREEDY = {"temperature": 0}  # anthropic 2.12's create() has no sampling arguments: sent as extra_body
 ASK = "What is the weather like in Paris today?"
@@ -31,19 +31,8 @@ RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "The
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory, smollm2_model: Path) -> Iterator[RouterProcess]:
-    folder = tmp_path_factory.mktemp("client-apis")
-    preset = write_preset(folder / "preset.ini", f"""version = 1
-[smollm2]
-model = {smollm2_model}
-c = 4096
-np = 2
-t = 2
-load-on-startup = true
-""")
-    process = RouterProcess(["--models-preset", str(preset)], hf_cache=folder / "hf-cache")
-    process.wait_status("smollm2", "loaded", timeout_s=120)
-    yield process
-    process.stop()
+    with smollm2_router(tmp_path_factory.mktemp("client-apis"), smollm2_model, "c = 4096\nnp = 2\nt = 2") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from test_llama_server_parity import LLAMA_SERVER, llama_server  # noqa: F401 - a fixture
 
-from conftest import RouterProcess, write_preset
+from conftest import RouterProcess, smollm2_router
 
 PROMPT = "The capital of France is"
 # What llama-server answers (non-streamed; a stream's last event has the same fields).
@@ -33,19 +33,8 @@ PROBABILITY = {"id", "token", "bytes", "logprob", "top_logprobs"}
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory, smollm2_model: Path) -> Iterator[RouterProcess]:
-    folder = tmp_path_factory.mktemp("native")
-    preset = write_preset(folder / "preset.ini", f"""version = 1
-[smollm2]
-model = {smollm2_model}
-c = 2048
-np = 2
-t = 2
-load-on-startup = true
-""")
-    process = RouterProcess(["--models-preset", str(preset)], hf_cache=folder / "hf-cache")
-    process.wait_status("smollm2", "loaded", timeout_s=120)
-    yield process
-    process.stop()
+    with smollm2_router(tmp_path_factory.mktemp("native"), smollm2_model, "c = 2048\nnp = 2\nt = 2") as process:
+        yield process
 
 
 def complete(client: httpx.Client, **body: Any) -> Any:
