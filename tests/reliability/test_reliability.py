@@ -59,6 +59,9 @@ def test_reliability_sigkill_child_in_the_middle_of_20_streams(start_router) -> 
     assert errors == [502] * 20, results
     assert ended_s < 2.0, f"the error events took {ended_s:.2f} s (README bound: 2 s)"
     print(f"\n[reliability] 20 streams cut by SIGKILL: 20/20 got an error event within {ended_s:.2f} s")
+    # Once the router has seen the child exit (a request in between may still meet the dead port:
+    # a 502), the next request starts it again.
+    router.wait_status("streamer", "unloaded")
     again = router.client.post("/v1/chat/completions", json={"model": "streamer", "messages": []})
     assert again.status_code == 200
 
