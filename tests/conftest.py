@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from fake_hub import FakeHub  # noqa: E402
 from router.bundled_models import SMOLLM2, resolve_package_model  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
@@ -185,6 +186,22 @@ class EventFeed:
 
     def close(self) -> None:
         self._client.close()
+
+
+HUB_REPO = "alice/tiny-GGUF"  # the fake hub's repository of tiny quants
+
+
+@pytest.fixture
+def hub(tiny_model: Path, tmp_path: Path) -> Iterator[FakeHub]:
+    """A stand-in for the Hugging Face Hub on 127.0.0.1 with two repositories: HUB_REPO (two quants
+    of the tiny model and a README) and alice/big-GGUF (a file big enough to cancel mid-way)."""
+    hub = FakeHub()
+    big = tmp_path / "big.gguf"
+    big.write_bytes(tiny_model.read_bytes() * 8)  # about 4 MB, for a download slow enough to cancel
+    hub.add_repo(HUB_REPO, {"tiny-Q4_K_M.gguf": tiny_model, "tiny-Q8_0.gguf": tiny_model, "README.md": tiny_model})
+    hub.add_repo("alice/big-GGUF", {"big-Q4_K_M.gguf": big})
+    yield hub
+    hub.close()
 
 
 @contextlib.contextmanager

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from huggingface_hub import hf_hub_download
 
+from conftest import HUB_REPO as REPO
 from conftest import EventFeed
 from fake_hub import FakeHub
 
-REPO = "alice/tiny-GGUF"
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,
         "ignore_eos": True}
-
-
-@pytest.fixture
-def hub(tiny_model: Path, tmp_path: Path) -> Iterator[FakeHub]:
-    hub = FakeHub()
-    big = tmp_path / "big.gguf"
-    big.write_bytes(tiny_model.read_bytes() * 8)  # about 4 MB, for a download slow enough to cancel
-    hub.add_repo(REPO, {"tiny-Q4_K_M.gguf": tiny_model, "tiny-Q8_0.gguf": tiny_model, "README.md": tiny_model})
-    hub.add_repo("alice/big-GGUF", {"big-Q4_K_M.gguf": big})
-    yield hub
-    hub.close()
 
 
 def _router(start_router, hub: FakeHub, tmp_path: Path, *args: str):
