@@ -54,6 +54,17 @@ def _is_reaper(proc: psutil.Process) -> bool:
         return False
 
 
+def terminate(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class RouterProcess:
     """`python -m router` as a real subprocess; its stderr is collected line by line."""
 
@@ -139,13 +150,7 @@ class RouterProcess:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self._reader.join(5)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -48,7 +47,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import EventFeed, RouterProcess, tiny_preset
+from conftest import EventFeed, RouterProcess, terminate, tiny_preset
 
 LLAMA_SERVER = os.environ.get("LLAMA_SERVER_BIN") or shutil.which("llama-server")
 _no_llama_server = pytest.mark.skipif(LLAMA_SERVER is None, reason="llama.cpp's llama-server is not installed "
@@ -109,12 +108,7 @@ class LlamaRouter:
             children = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             children = []
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        terminate(self.proc)
         _, alive = psutil.wait_procs(children, timeout=10)
         for proc in alive:
             proc.kill()
