@@ -29,8 +29,8 @@ UPSTREAM_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 async def model_of_post(request: Request, body: bytes) -> str | None:
     """The model a POST names: `?model=` first, then the multipart field or the JSON body."""
-    if model_in_query(request.scope):
-        return model_in_query(request.scope)
+    if named := model_in_query(request.scope):
+        return named
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         # Starlette parses the form from the body already read; files spool to disk past 1 MiB.
