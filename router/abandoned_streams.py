@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 
-from router.child_launch import CHILD_HOST
 from router.model_record import ModelRecord
 from router.registry import Lease, Registry
 from router.upstream_client import UpstreamError
@@ -34,8 +33,8 @@ class StreamHolds:
     def hold(self, record: ModelRecord, conversation_id: str) -> None:
         """Called while the abandoned relay still holds its own lease: the model never looks idle."""
         key = (record, conversation_id)
-        if key in self._held:
-            return
+        if key in self._held or not record.is_local:
+            return  # a remote server or a peer is never evicted from here: nothing to hold
         lease = self.registry.hold(record)
         self._held.add(key)
         log.info("[%s] stream %s goes on for a client that left: the model is held until it ends",
@@ -67,11 +66,11 @@ class StreamHolds:
             lease.release()
 
     async def _still_generating(self, record: ModelRecord, body: bytes) -> bool:
-        port = record.port
-        if port is None or not record.status.can_serve:
+        to = record.upstream
+        if to is None or not record.status.can_serve:
             return False
         try:
-            upstream = await self.registry.http.request("POST", CHILD_HOST, port, "/v1/streams/lookup",
+            upstream = await self.registry.http.request("POST", to.host, to.port, "/v1/streams/lookup",
                                                         [(b"content-type", b"application/json")], body)
             try:
                 data = await upstream.read()

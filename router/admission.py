@@ -102,7 +102,8 @@ class Admission:
         records = self.registry.records.values()
         announced_wait = False
         while True:
-            running = [r for r in records if r.status.is_running and r is not target]
+            # Only this machine's children take its room (a peer's or a remote model is elsewhere).
+            running = [r for r in records if r.is_local and r.status.is_running and r is not target]
             too_many = limit > 0 and len(running) >= limit
             room = await self.room_bytes(running, reserve) if need is not None else 0
             shortfall = need - room if need is not None else 0

@@ -27,8 +27,10 @@ from router.fast_path import ProxiedPostsFastPath
 from router.idle_reaper import reap_idle_models
 from router.memory_sampler import sample_resident_memory
 from router.model_sources import ModelSpec
+from router.peers import Peers
 from router.proxy import make_client
 from router.registry import Registry
+from router.remote_models import check_remote_models
 from router.routes import health, models, openai, passthrough, streams
 from router.settings import RouterSettings
 
@@ -47,11 +49,14 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
                    for r in registry.records.values() if r.spec.load_on_startup]
         startup.append(asyncio.create_task(reap_idle_models(registry), name="idle-reaper"))
         startup.append(asyncio.create_task(sample_resident_memory(registry), name="memory-sampler"))
+        startup.append(asyncio.create_task(check_remote_models(registry), name="remote-checks"))
+        peers.start()
         try:
             yield
         finally:
             for task in startup:
                 task.cancel()
+            await peers.stop()
             events.close_all()
             registry.logs.live.close_all()
             await app.state.downloads.cancel_all()
@@ -67,6 +72,7 @@ def create_app(settings: RouterSettings, specs: list[ModelSpec], router_port: in
     registry.metrics.watch_conversations(lambda: len(conversations), lambda: conversations.bytes)
     registry.downloads = app.state.downloads = Downloads(registry, settings.hf_token)
     app.state.stream_holds = StreamHolds(registry)
+    peers = app.state.peers = Peers(registry, settings)
 
     @app.exception_handler(RouterError)
     @app.exception_handler(ClientDisconnected)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from child import serving
 from child.protocol import ROUTER_PORT_ENV
 from router.model_sources import ModelSpec
+from router.upstream import LOCAL_HOST
 from router.upstream_client import UpstreamClient, UpstreamError
 
-CHILD_HOST = "127.0.0.1"
+CHILD_HOST = LOCAL_HOST
 READY_POLL_INTERVAL_S = 0.2
 READY_PROBE_TIMEOUT_S = 2.0
 # Variables of the router that must never reach a child: the API key above all, and the Hugging

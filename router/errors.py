@@ -47,6 +47,19 @@ class UpstreamFailed(RouterError):
     error_type = "server_error"
 
 
+class UpstreamUnreachable(UpstreamFailed):
+    """No connection could be made: the request was never sent (another replica may take it)."""
+
+
+class PeerAnswered(RouterError):
+    """A peer's own error answer to a forwarded load or unload, its status and message kept."""
+
+    def __init__(self, status: int, message: str, error_type: str = "server_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+
+
 class GatewayTimeout(RouterError):
     """An upstream (the Hugging Face Hub, say) did not answer in time."""
 

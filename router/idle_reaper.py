@@ -36,7 +36,7 @@ async def reap_idle_models(registry: Registry) -> None:
         now = time.monotonic()
         for record in list(registry.records.values()):
             ttl = ttl_of(registry, record)
-            if ttl < 0 or record.in_flight or not record.status.can_serve:
+            if ttl < 0 or record.in_flight or not record.status.can_serve or not record.is_local:
                 continue
             idle_s = now - record.last_used
             if idle_s >= ttl:

@@ -24,7 +24,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from router.child_launch import CHILD_HOST
 from router.model_record import ModelRecord
 from router.model_status import ModelStatus
 from router.upstream_client import UpstreamClient, UpstreamError
@@ -84,7 +83,8 @@ class RouterMetrics:
 
     async def render(self, records: Iterable[ModelRecord], client: UpstreamClient) -> bytes:
         own = generate_latest(self.registry)
-        running = [r for r in records if r.status in (ModelStatus.LOADED, ModelStatus.SLEEPING) and r.port]
+        # The local children's own metrics (a peer's and a remote server's are theirs to serve).
+        running = [r for r in records if r.is_local and r.status.can_serve and r.upstream is not None]
         texts = await asyncio.gather(*(_scrape(client, r) for r in running))
         merged: dict[str, Metric] = {}
         for record, text in zip(running, texts, strict=True):
@@ -110,9 +110,10 @@ class RouterMetrics:
 
 
 async def _scrape(client: UpstreamClient, record: ModelRecord) -> str:
-    assert record.port is not None
+    to = record.upstream
+    assert to is not None
     try:
-        status, body = await client.fetch("GET", CHILD_HOST, record.port, "/metrics", CHILD_SCRAPE_TIMEOUT_S)
+        status, body = await client.fetch("GET", to.host, to.port, "/metrics", CHILD_SCRAPE_TIMEOUT_S)
     except (UpstreamError, TimeoutError):
         return ""
     return body.decode("utf-8", errors="replace") if status == 200 else ""
@@ -136,18 +137,21 @@ class _LiveCollector(Collector):
         self.evictions = evictions
 
     def collect(self) -> Iterator[Metric]:
+        # One series per upstream: a peer's model is `name@peer`, with the peer in `peer` ("" here).
         status = GaugeMetricFamily("modelyard_router_model_status", "1 for each model's current status",
-                                   labels=["model", "status"])
-        in_flight = GaugeMetricFamily("modelyard_router_in_flight", "Requests holding a model", labels=["model"])
+                                   labels=["model", "status", "peer"])
+        in_flight = GaugeMetricFamily("modelyard_router_in_flight", "Requests holding a model",
+                                      labels=["model", "peer"])
         up = GaugeMetricFamily("llamacpp_router:model_up", "1 while the model's process runs", labels=["model"])
         loaded = GaugeMetricFamily("llamacpp_router:model_loaded", "1 while the model is loaded",
                                    labels=["model"])
         last_used = GaugeMetricFamily("llamacpp_router:model_last_used_seconds",
                                       "Unix time of the model's last request (0: none yet)", labels=["model"])
         for record in list(self.records.values()):
+            peer = record.spec.peer
             for value in ModelStatus:
-                status.add_metric([record.name, str(value)], 1.0 if record.status == value else 0.0)
-            in_flight.add_metric([record.name], record.in_flight)
+                status.add_metric([record.name, str(value), peer], 1.0 if record.status == value else 0.0)
+            in_flight.add_metric([record.name, peer], record.in_flight)
             up.add_metric([record.name], 1.0 if record.status.is_running else 0.0)
             loaded.add_metric([record.name], 1.0 if record.status == ModelStatus.LOADED else 0.0)
             last_used.add_metric([record.name], round(record.last_used_wall, 3))

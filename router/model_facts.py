@@ -168,6 +168,11 @@ def loaded_info(record: ModelRecord, payload: dict[str, Any]) -> dict[str, Any]:
 def entry(record: ModelRecord, created: int) -> dict[str, Any]:
     """A /models entry: the record's own, plus llama.cpp's `architecture`, `can_remove`, `meta`."""
     listed = record.to_json(created)
+    if not record.is_local:
+        # A peer's model: what the peer said of it; a remote server's: nothing known but text.
+        listed.setdefault("architecture", {"input_modalities": ["text"], "output_modalities": ["text"]})
+        listed["can_remove"] = False
+        return listed
     listed["architecture"] = architecture(record)
     listed["can_remove"] = can_remove(record)
     if "meta" in listed:

@@ -19,12 +19,15 @@ from router.gguf_files import is_main_gguf, pick_projector, strip_shard
 from router.hf_cache import list_cached_models, parse_reference
 from router.presets import GLOBAL_SECTION, PresetFile, PresetSection, load_preset_file, parse_bool, render_ini
 from router.settings import RouterSettings
+from router.upstream import parse_base_url
 
 log = logging.getLogger(__name__)
 
 SOURCE_PRESET = "preset"
 SOURCE_MODELS_DIR = "models_dir"
 SOURCE_CACHE = "cache"
+SOURCE_REMOTE = "remote"  # a preset section with `url =`
+SOURCE_PEER = "peer"  # a model of a peer router (router/peers.py)
 
 # Preset keys that hold a file path: a relative one is taken from the preset file's folder.
 PATH_OPTIONS = ("model", "mmproj", "chat-template-file")
@@ -56,6 +59,24 @@ class ModelSpec:
     # Face cache on the first load (router/downloads.py); empty for a model with its own file.
     hf_repo: str = ""
     hf_file: str = ""
+    # A remote model's server root (`url =`), the key it wants (never shown), its name for the
+    # model there (empty: the client's), and the seconds between its health checks.
+    remote_url: str = ""
+    api_key: str = field(default="", repr=False)
+    use_model_name: str = ""
+    check_interval_s: float = 5.0
+    peer: str = ""  # the peer router a SOURCE_PEER model belongs to
+    peer_model: str = ""  # that model's name on the peer
+
+    @property
+    def served_name(self) -> str:
+        """The name requests use to reach this model and its replicas: a peer's model is its
+        name there; a remote section `name@where` is a replica of `name`."""
+        if self.peer_model:
+            return self.peer_model
+        if self.remote_url and "@" in self.name:
+            return self.name.rpartition("@")[0]
+        return self.name
 
     @property
     def speaks_protocol(self) -> bool:
@@ -137,6 +158,14 @@ def _count(router_options: dict[str, str], key: str, where: str) -> int:
 
 def _make_spec(name: str, source: str, options: dict[str, str | bool], router_options: dict[str, str],
                settings: RouterSettings, where: str, env: dict[str, str] | None = None) -> ModelSpec:
+    if "url" in router_options:
+        return _remote_spec(name, options, router_options, where)
+    if "use-model-name" in router_options:
+        raise ConfigError(f"{where}: model [{name}]: use-model-name is for a remote model (url =)")
+    if "api-key" in router_options:  # llama-server's server-wide flag: meaningless for one child
+        log.warning("%s: 'api-key' is a router option, not a model's: ignored here (give it on the command line)",
+                    where)
+        router_options = {k: v for k, v in router_options.items() if k != "api-key"}
     merged = {**options, **settings.global_child_args}
     foreign_cmd = _command(router_options, "cmd", where)
     hf_repo, hf_file = _hf_source(name, merged, router_options, where)
@@ -163,6 +192,38 @@ def _make_spec(name: str, source: str, options: dict[str, str | bool], router_op
         hf_repo=hf_repo, hf_file=hf_file,
         preset_ini=render_ini(name, {k: v for k, v in merged.items() if k not in _NOT_RENDERED},
                               router_options),
+    )
+
+
+# What a remote model's section may hold besides its url: nothing is spawned, so no child flag.
+_REMOTE_KEYS = {"url", "api-key", "use-model-name", "check-endpoint", "check-interval", "alias", "tags",
+                "concurrency-limit", "unlisted"}
+
+
+def _remote_spec(name: str, options: dict[str, str | bool], router_options: dict[str, str],
+                 where: str) -> ModelSpec:
+    """A preset section with `url =`: a server the router reaches but never starts."""
+    url = router_options["url"].strip()
+    parse_base_url(url, f"{where}: url")
+    # [*]'s child flags (c = 4096, say) apply to the router's children, not to a remote server.
+    own = {k: v for k, v in options.items() if k in _REMOTE_KEYS}
+    stray = sorted({"cmd", "bin", "hf-repo", "hf-file"} & set(router_options) | {"model"} & set(options))
+    if stray:
+        raise ConfigError(f"{where}: model [{name}] has url: {', '.join(stray)} mean nothing for a remote model")
+    check_endpoint = router_options.get("check-endpoint", "/health")
+    if not check_endpoint.startswith("/"):
+        raise ConfigError(f"{where}: check-endpoint must be a path starting with /")
+    interval = _seconds(router_options, "check-interval", 5.0, where)
+    if interval <= 0:
+        raise ConfigError(f"{where}: check-interval must be more than 0 seconds")
+    return ModelSpec(
+        name=name, source=SOURCE_REMOTE, options=own, check_endpoint=check_endpoint,
+        aliases=_split_list(own.get("alias")), tags=_split_list(own.get("tags")),
+        concurrency_limit=_count(router_options, "concurrency-limit", where),
+        unlisted=parse_bool(router_options.get("unlisted", "false"), where),
+        remote_url=url.rstrip("/"), api_key=router_options.get("api-key", "").strip(),
+        use_model_name=router_options.get("use-model-name", "").strip(), check_interval_s=interval,
+        preset_ini=render_ini(name, {k: v for k, v in own.items() if k not in _NOT_RENDERED}, router_options),
     )
 
 

@@ -52,7 +52,17 @@ PRESET_ONLY_KEYS = (
     "env",
     "concurrency-limit",
     "unlisted",
+    # A remote model: any OpenAI-compatible server at this URL, never spawned (router/remote_models.py),
+    # with the bearer key it wants, the model's name there, and the seconds between health checks.
+    # A section named `name@where` is a replica of the model `name`.
+    "url",
+    "api-key",
+    "use-model-name",
+    "check-interval",
 )
+
+# Router-wide keys, in the preset's global part ([*] or before any section).
+ROUTER_WIDE_KEYS = ("peers",)
 
 TRUE_WORDS = {"1", "true", "on", "yes", "enabled"}
 FALSE_WORDS = {"0", "false", "off", "no", "disabled"}
@@ -129,7 +139,14 @@ def parse_preset_text(text: str, path: Path) -> PresetFile:
                 raise ConfigError(f"{where}: '{key}' names one model's file: give it in that model's section")
             current.router_options[hf_key] = value
             continue
-        if normalized in PRESET_ONLY_KEYS:
+        if normalized in ROUTER_WIDE_KEYS:
+            if current is not global_section:
+                raise ConfigError(f"{where}: '{key}' is router-wide: give it in [*] or before any section")
+            current.router_options[normalized] = value
+            continue
+        if normalized in ("url", "use-model-name") and current is global_section:
+            raise ConfigError(f"{where}: '{key}' belongs to one remote model: give it in that model's section")
+        if normalized in PRESET_ONLY_KEYS and not (normalized == "api-key" and current is global_section):
             current.router_options[normalized] = value
             continue
         spec = find_arg(key) or find_arg(normalized)
@@ -164,5 +181,7 @@ def render_ini(name: str, options: dict[str, str | bool], router_options: dict[s
     for key, value in options.items():
         lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
     for key, raw in router_options.items():
-        lines.append(f"{key} = {raw}")
+        if key in ROUTER_WIDE_KEYS:
+            continue
+        lines.append(f"{key} = {'(hidden)' if key == 'api-key' else raw}")  # a key is never shown
     return "\n".join(lines) + "\n"

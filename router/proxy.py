@@ -21,11 +21,10 @@ from starlette.types import Receive, Scope
 
 from child.openai_http import error_bytes
 from child.serving import cancelled_if_client_leaves
-from router.child_launch import CHILD_HOST
-from router.errors import UpstreamFailed
+from router.errors import UpstreamFailed, UpstreamUnreachable
 from router.registry import Lease
 from router.settings import RouterSettings
-from router.upstream_client import UpstreamClient, UpstreamError
+from router.upstream_client import ConnectFailed, UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +77,21 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
     record = lease.record
     name = record.name
     metrics = lease.registry.metrics
-    if record.port is None:
+    to = record.upstream
+    if to is None:
         lease.release()
         raise UpstreamFailed(f"model '{name}' is not running")
     forward = [(k, v) for k, v in headers if k not in _DROP_REQUEST_HEADERS]
     if any(k == b"connection" for k, _ in headers):
         named = {token.strip().lower() for k, v in headers if k == b"connection" for token in v.split(b",")}
         forward = [(k, v) for k, v in forward if k not in named]
+    forward.extend(to.headers)  # a remote server's or a peer's key
     try:
-        upstream = await client.request(method, CHILD_HOST, record.port, target, forward, body)
+        upstream = await client.request(method, to.host, to.port, target, forward, body)
+    except ConnectFailed as exc:
+        lease.release()
+        metrics.count_answer(name, 502, 0)
+        raise UpstreamUnreachable(f"model '{name}' is unreachable: {exc}") from exc
     except UpstreamError as exc:
         lease.release()
         metrics.count_answer(name, 502, 0)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from child.protocol import ChildState, StateMessage
@@ -36,6 +36,8 @@ from router.model_sources import ModelSpec
 from router.model_status import ModelStatus, check_transition
 from router.orphan_reaper import OrphanReaper
 from router.settings import RouterSettings
+from router.source_diff import diff_sources
+from router.upstream import local_child
 from router.upstream_client import UpstreamClient
 
 if TYPE_CHECKING:
@@ -59,6 +61,20 @@ class Lease:
             self.registry._release(self)
 
 
+class RecordTable(dict[str, ModelRecord]):
+    """The records by name, numbering its changes so that the replica index knows when it is stale."""
+
+    version = 0
+
+    def __setitem__(self, name: str, record: ModelRecord) -> None:
+        super().__setitem__(name, record)
+        self.version += 1
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self.version += 1
+
+
 class Registry:
     def __init__(self, settings: RouterSettings, specs: list[ModelSpec], events: EventHub,
                  http: UpstreamClient) -> None:
@@ -67,7 +83,13 @@ class Registry:
         self.http = http  # the router's connections to its children
         self.router_port = 0
         self.downloads: Downloads | None = None  # set by the app; fetches a preset's hf-repo files
-        self.records: dict[str, ModelRecord] = {spec.name: ModelRecord(spec) for spec in specs}
+        self.records = RecordTable()
+        for spec in specs:
+            self.records[spec.name] = ModelRecord(spec)
+        self._replica_index: dict[str, list[ModelRecord]] = {}
+        self._indexed_version = -1
+        # Told when a remote server or a peer refused a connection (router/peers.py reconnects).
+        self.on_unreachable: Callable[[ModelRecord], None] = lambda record: None
         self._room_changed_event = asyncio.Event()
         self.admission = Admission(self)
         self.evictions_total = 0
@@ -99,13 +121,57 @@ class Registry:
             raise InvalidRequest(f"model '{name}' not found")
         return record
 
+    def replicas(self, name: str | None) -> list[ModelRecord]:
+        """Every upstream a request for `name` may go to: the records that serve that name (a local
+        model, `name@where` remote sections, peers' models) or have it as an alias. `name@peer`
+        itself is that one record only. The routing error when there is none."""
+        if not name:
+            raise InvalidRequest("model name is missing from the request")
+        record = self.records.get(name)
+        if record is not None and not record.is_local:
+            return [record]
+        if self._indexed_version != self.records.version:
+            index: dict[str, list[ModelRecord]] = {}
+            for candidate in self.records.values():
+                for served in (candidate.served_name, *candidate.spec.aliases):
+                    members = index.setdefault(served, [])
+                    if candidate not in members:
+                        members.append(candidate)
+            self._replica_index, self._indexed_version = index, self.records.version
+        group = self._replica_index.get(name)
+        if not group:
+            raise InvalidRequest(f"model '{name}' not found")
+        return group
+
+    def serves(self, name: str) -> bool:
+        try:
+            return bool(self.replicas(name))
+        except InvalidRequest:
+            return False
+
+    def report_unreachable(self, record: ModelRecord, reason: str) -> None:
+        """A remote server or a peer refused a connection: no request goes there until its next
+        health check (or the peer's feed) says it is back."""
+        if record.is_local or record.unreachable is not None:
+            return
+        record.unreachable = reason
+        if record.status != ModelStatus.UNLOADED:
+            self.set_status(record, ModelStatus.UNLOADED, f"({reason})", error=reason, elsewhere=True)
+        self.on_unreachable(record)
+
     # -- the one mutation point -----------------------------------------------------------------
 
     def set_status(self, record: ModelRecord, new: ModelStatus, reason: str, *,
                    exit_code: int | None = None, info: dict[str, Any] | None = None,
-                   progress: dict[str, Any] | None = None) -> None:
+                   progress: dict[str, Any] | None = None, error: str | None = None,
+                   elsewhere: bool = False) -> None:
+        """`elsewhere`: the status of a model whose state machine runs elsewhere (a peer's model,
+        mirrored from its feed, which may skip steps; a remote server, by its health checks)."""
         old = record.status
-        check_transition(old, new)
+        if not elsewhere:
+            check_transition(old, new)
+        elif old == new and new != ModelStatus.LOADING and progress is None:
+            return  # nothing changed here
         record.status = new
         now = time.monotonic()
         load_seconds = now - record.loading_since if old == ModelStatus.LOADING else None
@@ -127,6 +193,8 @@ class Registry:
                 data["info"] = info
             if progress is not None:
                 data["progress"] = progress
+            if error is not None:
+                data["error"] = error  # why a remote server or a peer does not serve
             self.events.publish(record.name, "status_change", data)
         if new == ModelStatus.LOADED:
             record.last_used = time.monotonic()  # idle time counts from when it could first serve
@@ -147,10 +215,39 @@ class Registry:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def acquire_now(self, name: str | None, autoload: bool) -> Lease | None:
+    def choose(self, name: str | None, exclude: Collection[ModelRecord] = (),
+               prefer: ModelRecord | None = None) -> ModelRecord:
+        """The replica a request for `name` goes to: `prefer` (the conversation's) if it may take
+        it, else the one with the fewest requests in flight among those that serve now, else
+        among those that can be sent to (a local model loads, a peer loads its own); the least
+        recently used first among equals, so that light traffic is spread too. `exclude`: those
+        a connection already failed to."""
+        group = self.replicas(name)
+        if len(group) == 1 and not exclude and group[0].routable:
+            return group[0]  # one upstream: no choice to make
+        if prefer is not None and prefer in group and prefer not in exclude and prefer.routable:
+            return prefer
+        usable = [r for r in group if r not in exclude and r.routable]
+        if not usable:
+            reasons = "; ".join(f"{r.name}: {r.unreachable or 'not serving'}" for r in group)
+            raise Unavailable(f"model '{name}' has no replica that can take the request ({reasons})",
+                              headers={"Retry-After": "1"})
+        open_now = [r for r in usable if not self._at_limit(r)] or usable
+        return min(open_now, key=lambda r: (not r.status.can_serve or self.closed_to_new_requests(r),
+                                            r.in_flight, r.last_used))
+
+    @staticmethod
+    def _at_limit(record: ModelRecord) -> bool:
+        limit = record.spec.concurrency_limit
+        return bool(limit) and record.limited_in_flight >= limit
+
+    def acquire_now(self, name: str | None, autoload: bool, exclude: Collection[ModelRecord] = (),
+                    prefer: ModelRecord | None = None) -> Lease | None:
         """The fast path of `acquire`: a lease on a model that serves and is open to new requests,
         without awaiting anything; None when the caller has to wait (then call `acquire`)."""
-        record = self.get(name)
+        record = self.choose(name, exclude, prefer)
+        if not record.is_local:
+            return self._claim(record)  # a peer loads its own models; a remote one serves or is skipped
         if not record.status.can_serve or self.closed_to_new_requests(record):
             if not autoload and not record.status.is_running:
                 raise InvalidRequest("model is not loaded")
@@ -178,9 +275,12 @@ class Registry:
         record.last_used_wall = time.time()
         return Lease(self, record, limited)
 
-    async def acquire(self, name: str | None, autoload: bool) -> Lease:
+    async def acquire(self, name: str | None, autoload: bool, exclude: Collection[ModelRecord] = (),
+                      prefer: ModelRecord | None = None) -> Lease:
         """Claim a model for one request and make sure it can serve (loading it if allowed)."""
-        record = self.get(name)
+        record = self.choose(name, exclude, prefer)
+        if not record.is_local:
+            return self._claim(record)
         if not autoload and not record.status.is_running:
             raise InvalidRequest("model is not loaded")
         while self.closed_to_new_requests(record):
@@ -251,7 +351,7 @@ class Registry:
 
     async def unload_all(self) -> None:
         """Stop every running model, together (llama-swap's unload-all)."""
-        running = [r for r in self.records.values() if r.status.is_running]
+        running = [r for r in self.records.values() if r.is_local and r.status.is_running]
         await asyncio.gather(*(self._stop_running(r) for r in running))
 
     async def _start(self, record: ModelRecord) -> None:
@@ -392,7 +492,7 @@ class Registry:
             still_waiting=lambda: record.child is child and record.status == ModelStatus.LOADING)
         if not ready or record.child is not child or record.status != ModelStatus.LOADING:
             return
-        record.port = port
+        record.upstream = local_child(port)
         record.meta = {"port": port, "check_endpoint": record.spec.check_endpoint}
         self.set_status(record, ModelStatus.LOADED, f"({url} answered 200)", info=record.meta)
 
@@ -429,6 +529,20 @@ class Registry:
         record.spec = spec
         self.set_status(record, ModelStatus.UNLOADED, "(download finished)")
 
+    def add_elsewhere(self, spec: ModelSpec) -> ModelRecord:
+        """A peer's model, newly seen on its feed."""
+        record = ModelRecord(spec)
+        self.records[spec.name] = record
+        self.events.publish(spec.name, "status_change", {"status": str(record.status)})
+        return record
+
+    def drop_elsewhere(self, record: ModelRecord) -> None:
+        """A peer's model gone (from the peer, or the peer from the router's peers)."""
+        if self.records.get(record.name) is record:
+            del self.records[record.name]
+            self.events.publish(record.name, "model_remove", {})
+        self.notify_room()
+
     def drop_download(self, record: ModelRecord) -> None:
         if self.records.get(record.name) is record:
             del self.records[record.name]
@@ -443,30 +557,32 @@ class Registry:
 
     async def reload(self, specs: list[ModelSpec]) -> None:
         """Apply re-read model sources: add new models, restart changed running ones, drop removed."""
-        wanted = {spec.name: spec for spec in specs}
+        diff = diff_sources(self.records, specs)
         restart: list[ModelRecord] = []
-        for name, record in list(self.records.items()):
-            spec = wanted.pop(name, None)
-            if spec is None:
-                if record.status == ModelStatus.DOWNLOADING:
-                    continue  # a download in progress is not in any source yet
-                del self.records[name]  # new requests find no such model from now on
-                log.info("model %s removed from the sources", name)
-                self.events.publish(name, "model_remove", {})
-                if record.child is not None:
-                    self.background(self._retire(record))
-            elif spec != record.spec:
-                was_running = record.status.is_running
-                if was_running:
-                    await self._drain_and_stop(record)
-                record.spec = spec
-                log.info("model %s changed in the sources%s", name, ": restarting" if was_running else "")
-                if was_running:
-                    restart.append(record)
-        for name, spec in wanted.items():
-            self.records[name] = ModelRecord(spec)
-            log.info("model %s added from the sources", name)
-            self.events.publish(name, "status_change", {"status": str(ModelStatus.UNLOADED)})
+        for record in diff.removed:
+            del self.records[record.name]  # new requests find no such model from now on
+            log.info("model %s removed from the sources", record.name)
+            self.events.publish(record.name, "model_remove", {})
+            if record.child is not None:
+                self.background(self._retire(record))
+        for record, spec in diff.changed:
+            was_running = record.is_local and record.status.is_running
+            if was_running:
+                await self._drain_and_stop(record)
+            was_local = record.is_local
+            record.spec = spec
+            if was_local != record.is_local:  # a local model became a remote one, or back
+                record.upstream, record.unreachable = None, None
+                if record.status != ModelStatus.UNLOADED:
+                    self.set_status(record, ModelStatus.UNLOADED, "(now served elsewhere)", elsewhere=True)
+            restarting = was_running and record.is_local
+            log.info("model %s changed in the sources%s", record.name, ": restarting" if restarting else "")
+            if restarting:
+                restart.append(record)
+        for spec in diff.added:
+            self.records[spec.name] = ModelRecord(spec)
+            log.info("model %s added from the sources", spec.name)
+            self.events.publish(spec.name, "status_change", {"status": str(ModelStatus.UNLOADED)})
         self.events.publish("*", "models_reload", {})
         for record in restart:
             await self._start(record)
@@ -525,7 +641,7 @@ class Registry:
                     log.error("[%s] ready without a valid port (%r): stopping it", record.name, port)
                     child.kill_now_sync()
                     return
-                record.port = port
+                record.upstream = local_child(port)
                 record.meta = payload
                 self.set_status(record, ModelStatus.LOADED, "(child ready)", info=payload)
             elif record.status == ModelStatus.SLEEPING:
@@ -537,7 +653,7 @@ class Registry:
         if record.child is not child:
             return
         record.child = None
-        record.port = None
+        record.upstream = None
         record.meta = {}
         record.rss_bytes = None
         reason = "(child exited)" if code == 0 else f"(child failed, exit code {code})"

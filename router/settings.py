@@ -44,6 +44,9 @@ class RouterSettings(BaseModel):
     sse_ping_interval_s: float = 15.0
     sse_queue_size: int = 1024
     global_child_args: dict[str, str | bool] = Field(default_factory=dict)
+    peers: tuple[str, ...] = ()  # other routers, `URL` or `name=URL` (router/peers.py)
+    peers_api_key: str | None = None  # sent to peers; None: this router's own first key
+    peers_resolve_s: float = 10.0  # a peer given by host name is looked up again this often
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -109,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--reload-grace-seconds", type=float,
                         default=float(_env("MODELYARD_RELOAD_GRACE_SECONDS", "60") or 60),
                         help="when ?reload=1 stops or restarts a model, how long its requests in flight may run on")
+    router.add_argument("--peers", default=_env("MODELYARD_PEERS", ""),
+                        help="other modelyard routers whose models this one serves too: comma-separated "
+                             "URL or name=URL (http://host:port); a host name is every address it resolves to")
+    router.add_argument("--peers-api-key", default=_env("MODELYARD_PEERS_API_KEY"),
+                        help="the key sent to peers (default: this router's own first --api-key)")
+    router.add_argument("--peers-resolve-seconds", type=float,
+                        default=float(_env("MODELYARD_PEERS_RESOLVE_SECONDS", "10") or 10),
+                        help="how often a peer's host name is resolved again")
     router.add_argument("--log-level", default=_env("MODELYARD_LOG_LEVEL", "info"))
 
     child = parser.add_argument_group("model defaults (passed to every child)")
@@ -170,8 +181,12 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
     env_sleep = _env("LLAMA_ARG_SLEEP_IDLE_SECONDS")
     if sleep is None and env_sleep is not None:
         child_args["sleep-idle-seconds"] = env_sleep
+    peers = tuple(p.strip() for p in str(args.peers or "").split(",") if p.strip())
+    if args.peers_resolve_seconds <= 0:
+        raise ConfigError("--peers-resolve-seconds must be more than 0")
     models_preset = args.models_preset
-    if models_preset is None and args.models_dir is None and args.default_preset:
+    # A front router (peers, nothing of its own) does not start the default preset's model.
+    if models_preset is None and args.models_dir is None and args.default_preset and not peers:
         models_preset = str(default_preset_path())  # a bare `modelyard` serves something
     settings = RouterSettings(
         host=args.host,
@@ -191,5 +206,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[RouterSettings, s
         reload_grace_s=args.reload_grace_seconds,
         cors_origins=[o.strip() for o in str(args.cors_origins).split(",") if o.strip()],
         global_child_args=child_args,
+        peers=peers,
+        peers_api_key=args.peers_api_key,
+        peers_resolve_s=args.peers_resolve_seconds,
     )
     return settings, args.log_level

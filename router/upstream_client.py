@@ -39,6 +39,10 @@ class UpstreamError(OSError):
     pass
 
 
+class ConnectFailed(UpstreamError):
+    """No connection: the request was not sent at all."""
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection and the answer being read on it (httptools callbacks)."""
 
@@ -287,9 +291,9 @@ class UpstreamClient:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, connection = await loop.create_connection(lambda: _Connection(loop), host, port)
         except TimeoutError as exc:
-            raise UpstreamError(f"connecting to {host}:{port} took over {self.connect_timeout_s:g} s") from exc
+            raise ConnectFailed(f"connecting to {host}:{port} took over {self.connect_timeout_s:g} s") from exc
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+            raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
         return connection
 
     def _idle_connection(self, key: tuple[str, int]) -> _Connection | None:

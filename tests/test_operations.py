@@ -31,8 +31,8 @@ def test_operations_router_metrics_count_and_include_children(start_router, tiny
     assert samples[("modelyard_router_requests_total", (("code", "400"), ("model", "a")))] == 1
     assert samples[("modelyard_router_loads_total", (("model", "a"),))] == 1
     assert samples[("modelyard_router_load_duration_seconds_count", (("model", "a"),))] == 1
-    assert samples[("modelyard_router_model_status", (("model", "a"), ("status", "loaded")))] == 1
-    assert samples[("modelyard_router_model_status", (("model", "b"), ("status", "unloaded")))] == 1
+    assert samples[("modelyard_router_model_status", (("model", "a"), ("peer", ""), ("status", "loaded")))] == 1
+    assert samples[("modelyard_router_model_status", (("model", "b"), ("peer", ""), ("status", "unloaded")))] == 1
     assert samples[("modelyard_router_proxied_bytes_total", (("model", "a"),))] > 0
     # The child's own metrics, labelled with its model; b is not running, so it was not loaded.
     assert samples[("llamacpp:tokens_predicted_total", (("model", "a"),))] == 8

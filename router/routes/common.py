@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -11,6 +12,7 @@ from starlette.types import Receive, Scope
 from child.openai_http import NotAJsonObject, json_object
 from child.serving import cancelled_if_client_leaves
 from router.errors import InvalidRequest
+from router.model_record import ModelRecord
 from router.registry import Lease, Registry
 
 
@@ -59,18 +61,24 @@ def autoload_of(scope: Scope) -> bool:
 
 
 async def lease_for(scope: Scope, receive: Receive, name: str | None, autoload: bool | None = None,
-                    outlives_client: bool = False) -> Lease:
-    """The model's lease (`autoload` None: as the request's ?autoload= or the router's flag says).
-    A request that has to wait, for a load say, is cancelled if its client leaves (a client that
-    gives up while waiting for room costs nothing), unless it `outlives_client` (a resumable
-    stream, which its client may come back for)."""
+                    outlives_client: bool = False, exclude: Collection[ModelRecord] = (),
+                    prefer: ModelRecord | None = None,
+                    on_chosen: Callable[[ModelRecord], None] | None = None) -> Lease:
+    """A lease on a replica of the model (`autoload` None: as the request's ?autoload= or the
+    router's flag says; `exclude`, `prefer`: see Registry.choose; `on_chosen` learns the replica
+    before the request waits for it). A request that has to wait, for a load say, is cancelled if
+    its client leaves (a client that gives up while waiting for room costs nothing), unless it
+    `outlives_client` (a resumable stream, which its client may come back for)."""
     registry: Registry = scope["app"].state.registry
     if autoload is None:
         autoload = autoload_of(scope)
-    lease = registry.acquire_now(name, autoload)
+    if on_chosen is not None:
+        prefer = registry.choose(name, exclude, prefer)
+        on_chosen(prefer)
+    lease = registry.acquire_now(name, autoload, exclude, prefer)
     if lease is not None:  # the model serves and is open: no wait, nothing to watch
         return lease
     if outlives_client:
-        return await registry.acquire(name, autoload)
+        return await registry.acquire(name, autoload, exclude, prefer)
     async with cancelled_if_client_leaves(scope, receive):
-        return await registry.acquire(name, autoload)
+        return await registry.acquire(name, autoload, exclude, prefer)

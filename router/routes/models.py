@@ -13,13 +13,14 @@ from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from router import model_facts
-from router.errors import ConfigError, InvalidRequest, NotFound
+from router.errors import ConfigError, InvalidRequest, NotFound, Unavailable
 from router.events import Subscription
 from router.hf_cache import list_cached_models, remove_cached_model
 from router.idle_reaper import ttl_of
 from router.model_record import ModelRecord
-from router.model_sources import SOURCE_CACHE, collect_specs
+from router.model_sources import SOURCE_CACHE, SOURCE_PEER, SOURCE_REMOTE, collect_specs
 from router.model_status import ModelStatus
+from router.remote_models import check_once
 from router.routes import schemas
 from router.routes.common import json_body, registry_of, required_model_field
 
@@ -50,8 +51,44 @@ async def load_model(request: Request) -> dict[str, Any]:
     if not isinstance(name, str) or not name:
         # llama.cpp looks the empty name up like any other: a 404, not a 400.
         raise NotFound("model name is missing from the request")
-    await registry_of(request).load(name)
+    await _each_replica(request, name, "load")
     return {"success": True}
+
+
+async def _each_replica(request: Request, name: str, action: str) -> None:
+    """Load or unload what `name` names: that model, or every replica of a name only replicas
+    serve (`tiny` on two peers). A peer's model is loaded by its peer; a remote model's status is
+    its health, which a load checks now and an unload cannot change."""
+    registry = registry_of(request)
+    record = registry.lookup(name)
+    if record is None and registry.serves(name):
+        targets = registry.replicas(name)
+    elif record is None or record.is_local:
+        await (registry.load(name) if action == "load" else registry.unload(name))
+        return
+    else:
+        targets = [record]
+    outcomes = await asyncio.gather(*(_one(request, target, action) for target in targets), return_exceptions=True)
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if len(failures) == len(outcomes):
+        raise failures[0]
+
+
+async def _one(request: Request, record: ModelRecord, action: str) -> None:
+    registry = registry_of(request)
+    if record.spec.source == SOURCE_PEER:
+        await request.app.state.peers.forward(record, action)
+    elif record.spec.source == SOURCE_REMOTE:
+        if action == "unload":
+            raise InvalidRequest(f"model '{record.name}' is a remote server's ({record.spec.remote_url}): "
+                                 "this router does not run it, so it cannot unload it")
+        await check_once(registry, record)
+        if record.unreachable is not None:
+            raise Unavailable(f"model '{record.name}' is unreachable: {record.unreachable}")
+    elif action == "load":
+        await registry.load(record.name)
+    else:
+        await registry.unload(record.name)
 
 
 @router.post("/models/unload", openapi_extra=schemas.MODEL_ONLY)
@@ -67,7 +104,7 @@ async def unload_model(request: Request) -> dict[str, Any]:
     if record is not None and record.status == ModelStatus.DOWNLOADING:
         await request.app.state.downloads.cancel(record.name)  # returns once no partial file is left
         return {"success": True}
-    await registry_of(request).unload(name)
+    await _each_replica(request, name, "unload")
     return {"success": True}
 
 
@@ -92,7 +129,7 @@ async def running_models(request: Request) -> dict[str, Any]:
         running.append({
             "model": record.name, "state": states[record.status],
             "cmd": " ".join(record.child.argv) if record.child is not None else "",
-            "proxy": f"http://127.0.0.1:{record.port}" if record.port else "",
+            "proxy": f"http://{record.upstream.address}" if record.upstream is not None else "",
             "ttl": int(ttl) if ttl >= 0 else 0,
         })
     return {"running": running}
@@ -158,6 +195,8 @@ async def models_sse(request: Request) -> EventSourceResponse:
         data: dict[str, Any] = {"status": str(record.status)}
         if record.failed:
             data["exit_code"] = record.exit_code
+        if record.unreachable is not None:
+            data["error"] = record.unreachable
         snapshot.append({"model": record.name, "event": "status_change", "data": data})
 
     async def as_llama_cpp(message: dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,11 @@ from starlette.types import Receive, Scope
 from child.openai_http import NotAJsonObject, json_object
 from child.protocol import CONVERSATION_HEADER, conversation_id_problem
 from router.errors import InvalidRequest
-from router.proxy import relay, target_of
+from router.model_record import ModelRecord
+from router.proxy import target_of
+from router.replica_relay import send_to_model
 from router.routes import schemas
-from router.routes.common import lease_for, model_field, model_in_query
+from router.routes.common import model_field, model_in_query
 
 router = APIRouter()
 CONVERSATION_HEADER_BYTES = CONVERSATION_HEADER.encode()
@@ -59,30 +61,33 @@ async def proxy_named(scope: Scope, receive: Receive, body: bytes, name: str | N
     is recorded before the request waits for its model (GET/DELETE /v1/stream reach that model
     from then on) and kept if the child accepts the request; a DELETE of the conversation cancels
     the request while it waits; and a resumable stream does not give up when its client leaves:
-    it waits for its model all the same, and the model is held until the child's stream ends."""
+    it waits for its model all the same, and the model is held until the child's stream ends.
+    The conversation sticks to the replica that owns it."""
     state = scope["app"].state
+    target = target_of(scope)
     conversation_id = conversation_of(scope)
     if conversation_id is None:
-        lease = await lease_for(scope, receive, name)
-        return await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body, (scope, receive))
+        return await send_to_model(scope, receive, name, "POST", target, body)
     conversations = state.conversations
     before = conversations.owner(conversation_id)
-    write = conversations.remember(conversation_id, state.registry.get(name).name)
+    owner = state.registry.lookup(before) if before is not None else None
+    write = 0
+
+    def record_owner(record: ModelRecord) -> None:
+        nonlocal write
+        write = conversations.remember(conversation_id, record.name)
+
     resumable = streamed and scope["path"] in RESUMABLE_POSTS
     accepted = False
     try:
         async with conversations.waiting(conversation_id):
-            lease = await lease_for(scope, receive, name, outlives_client=resumable)
-        if resumable:
-            response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body,
-                                   on_abandoned=lambda: state.stream_holds.hold(lease.record, conversation_id))
-        else:
-            response = await relay(state.http, lease, "POST", target_of(scope), scope["headers"], body,
-                                   (scope, receive))
+            response = await send_to_model(
+                scope, receive, name, "POST", target, body, prefer=owner, on_chosen=record_owner,
+                on_abandoned=(lambda record: state.stream_holds.hold(record, conversation_id)) if resumable else None)
         accepted = 200 <= response.status_code < 300
         return response
     finally:
-        if not accepted:  # refused, failed or cancelled: what the conversation was before stays
+        if not accepted and write:  # refused, failed or cancelled: what the conversation was before stays
             conversations.restore(conversation_id, before, write)
 
 
@@ -102,6 +107,4 @@ async def proxy_get(request: Request) -> Response:
     name = request.query_params.get("model")
     if not name:
         raise InvalidRequest("model name is missing from the request")
-    lease = await lease_for(request.scope, request.receive, name)
-    return await relay(request.app.state.http, lease, "GET", target_of(request.scope), request.scope["headers"],
-                       b"", (request.scope, request.receive))
+    return await send_to_model(request.scope, request.receive, name, "GET", target_of(request.scope), b"")

@@ -17,8 +17,9 @@ from fastapi import APIRouter, Request, Response
 
 from child.openai_http import NotAJsonObject, json_object
 from router.errors import InvalidRequest, NotFound
-from router.proxy import relay, target_of
-from router.routes.common import lease_for, model_field, model_in_query, registry_of
+from router.proxy import target_of
+from router.replica_relay import send_to_model
+from router.routes.common import model_field, model_in_query, registry_of
 from router.routes.openai import proxy_get, proxy_named
 
 router = APIRouter()
@@ -57,14 +58,12 @@ async def upstream(request: Request, rest: str) -> Response:
     registry = registry_of(request)
     for count in range(len(segments), 0, -1):
         name = unquote("/".join(segments[:count]))
-        if registry.lookup(name) is not None:
+        if registry.serves(name):
             break
     else:
         raise InvalidRequest(f"model '{unquote(segments[0]) if segments else ''}' not found")
-    lease = await lease_for(request.scope, request.receive, name)
     target = "/" + "/".join(segments[count:]) + ("?" + query if query else "")
-    return await relay(request.app.state.http, lease, request.method, target, request.scope["headers"], body,
-                       (request.scope, request.receive))
+    return await send_to_model(request.scope, request.receive, name, request.method, target, body)
 
 
 @router.post("/{path:path}", include_in_schema=False)

@@ -1,0 +1,53 @@
+"""One request to one of a model's replicas, and to another when the first cannot be reached.
+
+Registry.choose picks the replica (the conversation's, else the fewest requests in flight). A
+request whose connection could not even be made was never sent: it goes to the next replica,
+and the unreachable one is left out until its health check or its peer's feed says it is back.
+A request that was sent is never sent twice (it may have started generating): a failure after
+that is the client's 502, or the SSE error event of a stream already running.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+from fastapi import Response
+from starlette.types import Receive, Scope
+
+from router.errors import UpstreamUnreachable
+from router.model_record import ModelRecord
+from router.proxy import relay
+from router.routes.common import lease_for
+from router.upstream import body_for
+
+log = logging.getLogger(__name__)
+
+
+async def send_to_model(scope: Scope, receive: Receive, name: str | None, method: str, target: str, body: bytes,
+                        *, prefer: ModelRecord | None = None,
+                        on_chosen: Callable[[ModelRecord], None] | None = None,
+                        on_abandoned: Callable[[ModelRecord], None] | None = None) -> Response:
+    """Relay the request to a replica of `name`. `prefer`: the replica to use if it can take it.
+    `on_chosen` learns each replica tried, before the request waits for it. `on_abandoned`: the
+    request is a resumable stream, which outlives its client (see routes/openai.py)."""
+    state = scope["app"].state
+    registry = state.registry
+    tried: list[ModelRecord] = []
+    while True:
+        lease = await lease_for(scope, receive, name, exclude=tried, prefer=prefer,
+                                outlives_client=on_abandoned is not None, on_chosen=on_chosen)
+        record = lease.record
+        sent_body = body_for(record.upstream, body, name) if record.upstream is not None else body
+        try:
+            if on_abandoned is not None:
+                return await relay(state.http, lease, method, target, scope["headers"], sent_body,
+                                   on_abandoned=functools.partial(on_abandoned, record))
+            return await relay(state.http, lease, method, target, scope["headers"], sent_body, (scope, receive))
+        except UpstreamUnreachable as exc:
+            registry.report_unreachable(record, exc.message)
+            tried.append(record)
+            if len(tried) >= len(registry.replicas(name)):
+                raise
+            log.warning("%s: trying another replica of %s", exc.message, name)

@@ -1,0 +1,77 @@
+"""Where a model's requests go: one address, whatever serves the model there.
+
+A model record's upstream is one of three kinds, and the proxy speaks to all of them alike:
+- a local child: 127.0.0.1 and the port its `ready` line (or the router) gave; set while it serves;
+- a remote server (a preset section with `url =`): any OpenAI-compatible server, fixed;
+- a peer's model: another modelyard router, which serves the model under its own name.
+
+A remote server or a peer may want an API key (sent as a bearer token, never shown) and may know
+the model under another name than the one the client used (`name@peer`, `use-model-name`): the
+JSON body's `model` is then rewritten on the way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from router.errors import ConfigError
+
+LOCAL_HOST = "127.0.0.1"  # children listen on loopback only
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # added to every request (an API key)
+    model_name: str | None = None  # the model's name there, when the client's may differ
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def local_child(port: int) -> Upstream:
+    return Upstream(LOCAL_HOST, port)
+
+
+def bearer(api_key: str | None) -> tuple[tuple[bytes, bytes], ...]:
+    return ((b"authorization", b"Bearer " + api_key.encode("latin-1")),) if api_key else ()
+
+
+def parse_base_url(url: str, where: str) -> tuple[str, int]:
+    """`http://host[:port][/]` as (host, port). No path (the routes are the OpenAI ones, from the
+    root, as a client gives them) and no TLS: the router's client speaks plain HTTP, as between
+    pods of one cluster; put a TLS-terminating proxy in front of a server outside it."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {url!r} is not a URL: {exc}") from exc
+    if parts.scheme != "http":
+        raise ConfigError(f"{where}: {url!r}: only http:// URLs are supported (https needs a proxy in front)")
+    if not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {url!r}: give the server's root (http://host:port), without a path")
+    if parts.username or parts.password:
+        raise ConfigError(f"{where}: {url!r}: put credentials in the api-key, not in the URL")
+    return parts.hostname, port or 80
+
+
+def body_for(upstream: Upstream, body: bytes, requested: str | None) -> bytes:
+    """The request body as the upstream must see it: its own name for the model in a JSON body's
+    `model` (when the client named it otherwise). Any other body goes as it came."""
+    name = upstream.model_name
+    if name is None or requested is None or name == requested:
+        return body
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict) or data.get("model") != requested:
+        return body
+    data["model"] = name
+    return json.dumps(data, ensure_ascii=False).encode()

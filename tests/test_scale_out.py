@@ -1,0 +1,275 @@
+"""Beyond one machine: remote models, peer routers and replicas, all on 127.0.0.1.
+
+Node routers serve real models (the tiny random-weight GGUF, SmolLM2); a front router has them as
+peers. Everything goes through real HTTP between real router processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from router.errors import ConfigError
+from router.presets import parse_preset_text
+from tests.conftest import EventFeed, RouterProcess, tiny_preset
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+
+
+def _port(router: RouterProcess) -> int:
+    return int(router.url.rsplit(":", 1)[1])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _entries(router: RouterProcess) -> dict[str, dict[str, Any]]:
+    return {e["id"]: e for e in router.client.get("/models").json()["data"]}
+
+
+def _wait(predicate: Any, what: str, timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _wait_entry(router: RouterProcess, name: str, status: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        entry = _entries(router).get(name)
+        return entry if entry is not None and entry["status"]["value"] == status else None
+    return _wait(found, f"{name} {status} on {router.url}", timeout_s)  # type: ignore[no-any-return]
+
+
+def test_three_routers_front_lists_loads_and_routes_each_model_to_its_node(
+        start_router, tiny_model: Path, smollm2_model: Path) -> None:
+    node_a = start_router(tiny_preset(tiny_model, ["tiny"]))
+    node_b = start_router(f"version = 1\n[smol]\nmodel = {smollm2_model}\nc = 1024\nt = 1\n")
+    front = start_router(None, "--peers", f"a={node_a.url},b={node_b.url}")
+    listed = _wait_entry(front, "tiny@a", "unloaded")
+    assert listed["source"] == "peer" and listed["peer"] == "a"
+    assert _wait_entry(front, "smol@b", "unloaded")["peer"] == "b"
+    # A load through the front starts the model on its node, and its status comes back.
+    assert front.client.post("/models/load", json={"model": "tiny"}).json() == {"success": True}
+    node_a.wait_status("tiny", "loaded")
+    _wait_entry(front, "tiny@a", "loaded")
+    assert node_b.status("smol") == "unloaded"
+    # A chat for each model is answered by the right node (by plain name, or by name@peer).
+    for name, node, served in (("tiny", node_a, "tiny"), ("smol@b", node_b, "smol")):
+        answer = front.client.post("/v1/chat/completions", json={"model": name, **CHAT})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == served
+        assert node.model_entry(served)["last_used"] is not None
+    _wait_entry(front, "smol@b", "loaded")
+    assert front.client.post("/v1/chat/completions", json={"model": "nope", **CHAT}).status_code == 400
+    # An unload goes to the node too.
+    assert front.client.post("/models/unload", json={"model": "smol@b"}).json() == {"success": True}
+    node_b.wait_status("smol", "unloaded")
+    _wait_entry(front, "smol@b", "unloaded")
+    # The front's metrics have one series per upstream, with the peer.
+    metrics = front.client.get("/metrics").text
+    assert 'modelyard_router_in_flight{model="tiny@a",peer="a"}' in metrics
+
+
+def test_replicas_spread_requests_and_a_conversation_sticks_to_its_replica(start_router, tiny_model: Path) -> None:
+    node_a = start_router(tiny_preset(tiny_model, ["tiny"], extra="load-on-startup = true\n"))
+    node_b = start_router(tiny_preset(tiny_model, ["tiny"], extra="load-on-startup = true\n"))
+    front = start_router(None, "--peers", f"a={node_a.url},b={node_b.url}")
+    _wait_entry(front, "tiny@a", "loaded")
+    _wait_entry(front, "tiny@b", "loaded")
+    body = {"model": "tiny", **CHAT, "max_tokens": 30, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: front.client.post("/v1/chat/completions", json=body), range(24)))
+    assert all(a.status_code == 200 for a in answers)
+    served = {name: _served(node) for name, node in (("a", node_a), ("b", node_b))}
+    assert served["a"] >= 4 and served["b"] >= 4, served  # both replicas took a share
+    # X-Conversation-Id sticks to the replica that owns the conversation.
+    before = _served(node_a), _served(node_b)
+    for _ in range(6):
+        answer = front.client.post("/v1/chat/completions", json=body, headers={"X-Conversation-Id": "c1"})
+        assert answer.status_code == 200
+    after = _served(node_a), _served(node_b)
+    assert sorted((after[0] - before[0], after[1] - before[1])) == [0, 6], (before, after)
+
+
+def _served(node: RouterProcess) -> float:
+    """Chat requests a node router answered with 200, from its own metrics."""
+    for line in node.client.get("/metrics").text.splitlines():
+        if line.startswith('modelyard_router_requests_total{code="200",model="tiny"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_resumable_stream_started_through_the_front_resumes_through_the_front(
+        start_router, tiny_model: Path) -> None:
+    node = start_router(tiny_preset(tiny_model, ["tiny"], np=1))
+    front = start_router(None, "--peers", f"n={node.url}")
+    _wait_entry(front, "tiny@n", "unloaded")
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True, "temperature": 0}
+    with front.client.stream("POST", "/v1/completions", json=body, headers={"X-Conversation-Id": "resume-1"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+    # The client left after one event; the node's child keeps generating. Lookup and replay
+    # go through the front to the node that owns the conversation.
+    found = _wait(lambda: [e for e in front.client.post("/v1/streams/lookup",
+                                                          json={"conversation_ids": ["resume-1"]}).json()
+                           if e.get("conversation_id") == "resume-1" and e.get("completed_at")],
+                  "the stream to end on the node")
+    assert found[0]["conversation_id"] == "resume-1"
+    replay = front.client.get("/v1/stream", params={"conv_id": "resume-1"})
+    assert replay.status_code == 200
+    events = [line for line in replay.text.splitlines() if line.startswith("data: ")]
+    assert events[0] == first and events[-1] == "data: [DONE]"
+    text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1] if '"choices"' in e)
+    direct = node.client.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]["text"]
+    assert text == direct
+    assert front.client.delete("/v1/stream", params={"conv_id": "resume-1"}).status_code == 204
+    assert front.client.get("/v1/stream", params={"conv_id": "resume-1"}).status_code == 404
+
+
+def test_a_remote_model_follows_its_health_and_hides_its_key(start_router, tiny_model: Path) -> None:
+    port = _free_port()
+    node_args = ("--port", str(port), "--api-key", "node-secret")
+    node = start_router(tiny_preset(tiny_model, ["tiny"]), *node_args)
+    front = start_router(f"version = 1\n[tiny@box]\nurl = http://127.0.0.1:{port}\napi-key = node-secret\n"
+                         "check-interval = 0.2\nuse-model-name = tiny\n", "--models-max", "1")
+    entry = _wait_entry(front, "tiny@box", "loaded")
+    assert entry["source"] == "remote" and entry["url"] == f"http://127.0.0.1:{port}"
+    assert "node-secret" not in front.client.get("/models").text
+    # Requests reach it by the section's name and by the name it replicates; the key goes along.
+    for name in ("tiny", "tiny@box"):
+        answer = front.client.post("/v1/chat/completions", json={"model": name, **CHAT})
+        assert answer.status_code == 200, answer.text
+    assert front.client.post("/models/unload", json={"model": "tiny@box"}).status_code == 400
+    # The server goes: unloaded with the reason, on /models and on the feed; then back.
+    feed = EventFeed(front.url)
+    try:
+        node.stop()
+        down = feed.wait_for(lambda e: e["model"] == "tiny@box" and e["data"].get("status") == "unloaded")
+        assert "127.0.0.1" in down["data"]["error"]
+        entry = _wait_entry(front, "tiny@box", "unloaded")
+        assert entry["status"]["failed"] is True and entry["status"]["error"]
+        refused = front.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT})
+        assert refused.status_code == 503 and "tiny@box" in refused.json()["error"]["message"]
+        assert front.client.get("/health").status_code == 200
+        node = start_router(tiny_preset(tiny_model, ["tiny"]), *node_args)
+        feed.wait_for(lambda e: e["model"] == "tiny@box" and e["data"].get("status") == "loaded")
+        assert front.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT}).status_code == 200
+    finally:
+        feed.close()
+    assert "warning" in front.log_text().lower() and "remote model tiny@box" in front.log_text()
+
+
+class _GarbageFeed(BaseHTTPRequestHandler):
+    """A 'peer' that answers /models with a list and /models/sse with garbage."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/models":
+            body = json.dumps({"data": [{"id": "ghost", "status": {"value": "loaded"}}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b"data: {this is not json\n\n")
+            self.wfile.flush()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def garbage_peer() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GarbageFeed)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_peers_that_do_not_answer_or_answer_garbage_leave_the_front_healthy(
+        start_router, tiny_model: Path, garbage_peer: str) -> None:
+    silent = f"http://127.0.0.1:{_free_port()}"
+    front = start_router(tiny_preset(tiny_model, ["local"]), "--peers", f"silent={silent},junk={garbage_peer}")
+    assert front.client.get("/health").status_code == 200
+    log = _wait(lambda: "peer silent unreachable" in front.log_text() and
+                "peer junk unreachable" in front.log_text() and front.log_text(), "both peers' failures logged")
+    assert "not a status event" in log
+    # The garbage peer's model was listed, then turned unloaded with the reason; the local model serves.
+    entry = _wait_entry(front, "ghost@junk", "unloaded")
+    assert "not a status event" in entry["status"]["error"]
+    assert front.client.post("/v1/chat/completions", json={"model": "local", **CHAT}).status_code == 200
+    refused = front.client.post("/v1/chat/completions", json={"model": "ghost", **CHAT})
+    assert refused.status_code == 503
+    assert front.client.get("/health").status_code == 200
+
+
+def test_the_api_key_works_across_peers(start_router, tiny_model: Path) -> None:
+    node = start_router(tiny_preset(tiny_model, ["tiny"]), "--api-key", "k1")
+    front = start_router(None, "--api-key", "k1", "--peers", node.url)
+    name = f"tiny@127.0.0.1:{_port(node)}"
+    headers = {"Authorization": "Bearer k1"}
+    _wait(lambda: name in {e["id"] for e in httpx.get(front.url + "/models", headers=headers).json()["data"]},
+          "the peer's model on the front")
+    assert httpx.get(front.url + "/models").status_code == 401
+    answer = httpx.post(front.url + "/v1/chat/completions", json={"model": "tiny", **CHAT}, headers=headers,
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_peer_that_restarts_turns_its_models_unloaded_and_back(start_router, tiny_model: Path) -> None:
+    port = _free_port()
+    preset = tiny_preset(tiny_model, ["tiny"], extra="load-on-startup = true\n")
+    node = start_router(preset, "--port", str(port))
+    front = start_router(None, "--peers", f"n=http://127.0.0.1:{port}")
+    _wait_entry(front, "tiny@n", "loaded")
+    node.proc.kill()  # SIGKILL: no goodbye on the feed
+    entry = _wait_entry(front, "tiny@n", "unloaded")
+    assert "peer n unreachable" in entry["status"]["error"]
+    assert front.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT}).status_code == 503
+    node.stop()
+    start_router(preset, "--port", str(port))
+    _wait_entry(front, "tiny@n", "loaded", timeout_s=60)
+    assert front.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT}).status_code == 200
+
+
+def test_preset_remote_and_peer_keys_are_checked(tmp_path: Path) -> None:
+    from router.model_sources import specs_from_preset
+    from router.settings import RouterSettings
+
+    def specs(text: str) -> list[Any]:
+        return specs_from_preset(parse_preset_text(text, tmp_path / "p.ini"), RouterSettings())
+
+    remote = specs("[*]\nc = 4096\n[m@gpu]\nurl = http://10.0.0.2:8000/\napi-key = s3cret\n")[0]
+    assert remote.served_name == "m" and remote.remote_url == "http://10.0.0.2:8000"
+    assert "s3cret" not in remote.preset_ini and "s3cret" not in repr(remote) and remote.options == {}
+    for bad, message in (("[m]\nurl = https://x:1\n", "only http://"), ("[m]\nurl = http://x:1/v1\n", "without a path"),
+                         ("[m]\nurl = http://x:1\nmodel = a.gguf\n", "mean nothing"),
+                         ("[*]\nurl = http://x:1\n", "belongs to one remote model"),
+                         ("[m]\nmodel = a.gguf\npeers = http://x:1\n", "router-wide"),
+                         ("[m]\nurl = http://x:1\ncheck-interval = 0\n", "more than 0")):
+        with pytest.raises(ConfigError, match=message):
+            specs(bad)
+    assert parse_preset_text("peers = http://a:1\n[m]\nmodel = x\n", tmp_path / "p.ini") \
+        .global_section.router_options == {"peers": "http://a:1"}
