@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PRESET ?= presets/default.ini
 
-.PHONY: install browser run test test-reliability lint bench bench-router bench-api clean
+.PHONY: install browser run test test-reliability lint bench bench-router bench-api bench-scale clean
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
@@ -73,6 +73,11 @@ bench-router: $(STAMP)
 # What a JSON schema costs (bench/constrained_decoding.py: 8 constrained against 8 free requests,
 # and llguidance against libllama's grammar sampler per token) and embeddings against llama.cpp's
 # llama-server when LLAMA_SERVER_BIN points at it (bench/embeddings.py). About 10 minutes.
+# Scale-out: what a front router adds over its node, and two nodes (each pinned to its own core
+# with taskset) against one at 16 clients (bench/scale_out.py; a few minutes).
+bench-scale: $(STAMP)
+	$(PY) bench/scale_out.py $(BENCH_ARGS)
+
 bench-api: $(STAMP)
 	$(PY) bench/constrained_decoding.py
 	$(PY) bench/embeddings.py

@@ -210,6 +210,16 @@ class Downloads:
         self._jobs[record.name] = _Job(task, cancelled, None, then_load=True)
         return task
 
+    async def load_after_download(self, record: ModelRecord, download: asyncio.Task[FetchedFiles]) -> None:
+        """Load a preset model once its files are downloaded, whether or not the request that
+        started it still waits (as a load runs to its end when its client leaves)."""
+        try:
+            await asyncio.shield(download)
+            if self.registry.may_start(record):
+                await self.registry.start(record)
+        except RouterError as exc:
+            log.warning("model %s not loaded: %s", record.name, exc.message)
+
     def pending_load(self, name: str) -> asyncio.Task[FetchedFiles] | None:
         """The running download a load of this preset model waits for, if any."""
         job = self._jobs.get(name)

@@ -32,7 +32,7 @@ from router.model_status import ModelStatus
 from router.presets import load_preset_file
 from router.registry import Registry
 from router.settings import RouterSettings
-from router.upstream import Upstream, bearer, parse_base_url
+from router.upstream import FORWARDED_HEADER, Upstream, bearer, parse_base_url
 from router.upstream_client import UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,10 @@ class PeerLink:
         self.name = name
         self.upstream = upstream
         self.records: dict[str, ModelRecord] = {}  # the peer's model name -> its record here
+        # Models the peer itself has from its own peers: never mirrored, or two routers that peer
+        # each other would nest names without end (x@b@a@b...) and send requests round in a loop.
+        self.not_its_own: set[str] = set()
+        self._asked: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._down_reason: str | None = None
@@ -257,6 +261,8 @@ class PeerLink:
             entries = {e["id"]: e for e in listed if isinstance(e, dict) and isinstance(e.get("id"), str)}
         except (ValueError, KeyError, TypeError) as exc:
             raise PeerFeedBroken(f"/models is not a model list ({type(exc).__name__})") from exc
+        self.not_its_own = {model for model, entry in entries.items() if entry.get("source") == SOURCE_PEER}
+        entries = {model: entry for model, entry in entries.items() if model not in self.not_its_own}
         if len(entries) > MAX_MODELS:
             raise PeerFeedBroken(f"/models lists {len(entries)} models (at most {MAX_MODELS} are taken)")
         for model, gone in list(self.records.items()):
@@ -290,10 +296,15 @@ class PeerLink:
             status = STATUSES.get(value) if isinstance(value, str) else None
             if status is None:
                 raise PeerFeedBroken(f"/models/sse sent an unknown status {data.get('status')!r}")
-            record = self.records.get(model) or self._record(model, {})
+            record = self.records.get(model)
             if record is not None:
                 progress = data.get("progress") if isinstance(data.get("progress"), dict) else None
                 self._mirror(record, status, "(the peer says so)", progress)
+            elif model not in self.not_its_own and model not in self._asked and len(self._asked) < MAX_MODELS:
+                # New to its list: take the list, which says whose it is. Once per name: a model
+                # the list does not show (`unlisted` there) is not asked about again and again.
+                self._asked.add(model)
+                self.recheck()
 
     def _record(self, model: str, entry: dict[str, Any]) -> ModelRecord | None:
         record = self.records.get(model)
@@ -311,7 +322,8 @@ class PeerLink:
         spec = ModelSpec(name=key, source=SOURCE_PEER, peer=self.name, peer_model=model)
         record = self.registry.add_elsewhere(spec)
         record.peer_entry = kept
-        record.upstream = Upstream(self.upstream.host, self.upstream.port, self.upstream.headers, model)
+        record.upstream = Upstream(self.upstream.host, self.upstream.port,
+                                   (*self.upstream.headers, (FORWARDED_HEADER, b"1")), model)
         self.records[model] = record
         return record
 

@@ -25,14 +25,15 @@ from typing import TYPE_CHECKING, Any
 from child.protocol import ChildState, StateMessage
 from router.admission import Admission
 from router.bundled_models import is_package_model, resolve_package_model
-from router.child_launch import CHILD_HOST, child_env, plan_launch, wait_until_http_ready
+from router.child_launch import child_env, plan_launch
 from router.child_process import ChildProcess
-from router.errors import ConfigError, InvalidRequest, NotFound, RouterError, ServerError, TooManyRequests, Unavailable
+from router.cmd_readiness import poll_until_ready
+from router.errors import ConfigError, InvalidRequest, NotFound, ServerError, TooManyRequests, Unavailable
 from router.events import EventHub, load_progress
 from router.metrics import RouterMetrics
 from router.model_logs import ModelLogs
 from router.model_record import ModelRecord
-from router.model_sources import ModelSpec
+from router.model_sources import SOURCE_PEER, ModelSpec
 from router.model_status import ModelStatus, check_transition
 from router.orphan_reaper import OrphanReaper
 from router.settings import RouterSettings
@@ -216,13 +217,18 @@ class Registry:
     # -- requests -------------------------------------------------------------------------------
 
     def choose(self, name: str | None, exclude: Collection[ModelRecord] = (),
-               prefer: ModelRecord | None = None) -> ModelRecord:
+               prefer: ModelRecord | None = None, peers_too: bool = True) -> ModelRecord:
         """The replica a request for `name` goes to: `prefer` (the conversation's) if it may take
         it, else the one with the fewest requests in flight among those that serve now, else
         among those that can be sent to (a local model loads, a peer loads its own); the least
         recently used first among equals, so that light traffic is spread too. `exclude`: those
-        a connection already failed to."""
+        a connection already failed to. Not `peers_too`: the request came from a peer, which
+        chose this router for it (sent on, it could go round between routers that peer each other)."""
         group = self.replicas(name)
+        if not peers_too:
+            group = [r for r in group if r.spec.source != SOURCE_PEER]
+            if not group:
+                raise InvalidRequest(f"model '{name}' not found (a request from a peer is served by local models only)")
         if len(group) == 1 and not exclude and group[0].routable:
             return group[0]  # one upstream: no choice to make
         if prefer is not None and prefer in group and prefer not in exclude and prefer.routable:
@@ -242,10 +248,10 @@ class Registry:
         return bool(limit) and record.limited_in_flight >= limit
 
     def acquire_now(self, name: str | None, autoload: bool, exclude: Collection[ModelRecord] = (),
-                    prefer: ModelRecord | None = None) -> Lease | None:
+                    prefer: ModelRecord | None = None, peers_too: bool = True) -> Lease | None:
         """The fast path of `acquire`: a lease on a model that serves and is open to new requests,
         without awaiting anything; None when the caller has to wait (then call `acquire`)."""
-        record = self.choose(name, exclude, prefer)
+        record = self.choose(name, exclude, prefer, peers_too)
         if not record.is_local:
             return self._claim(record)  # a peer loads its own models; a remote one serves or is skipped
         if not record.status.can_serve or self.closed_to_new_requests(record):
@@ -276,9 +282,9 @@ class Registry:
         return Lease(self, record, limited)
 
     async def acquire(self, name: str | None, autoload: bool, exclude: Collection[ModelRecord] = (),
-                      prefer: ModelRecord | None = None) -> Lease:
+                      prefer: ModelRecord | None = None, peers_too: bool = True) -> Lease:
         """Claim a model for one request and make sure it can serve (loading it if allowed)."""
-        record = self.choose(name, exclude, prefer)
+        record = self.choose(name, exclude, prefer, peers_too)
         if not record.is_local:
             return self._claim(record)
         if not autoload and not record.status.is_running:
@@ -322,7 +328,7 @@ class Registry:
                 if exit_code is not None:
                     raise ServerError(f"model '{record.name}' failed to load (exit code {exit_code})")
             else:
-                await self._start(record)
+                await self.start(record)
 
     # -- load and unload ------------------------------------------------------------------------
 
@@ -335,7 +341,7 @@ class Registry:
             raise InvalidRequest("model is already running")
         if record.status == ModelStatus.DOWNLOADING:
             raise InvalidRequest("model is still downloading")
-        await self._start(record)
+        await self.start(record)
 
     async def unload(self, name: str) -> None:
         """Stop a model. One that is not running is already where the caller wants it: a success,
@@ -354,7 +360,7 @@ class Registry:
         running = [r for r in self.records.values() if r.is_local and r.status.is_running]
         await asyncio.gather(*(self._stop_running(r) for r in running))
 
-    async def _start(self, record: ModelRecord) -> None:
+    async def start(self, record: ModelRecord) -> None:
         """Get the model admitted and its child spawned.
 
         Concurrent callers wait until the first caller's attempt has ended, then look at the
@@ -384,7 +390,7 @@ class Registry:
         # delays its own load, never the queue behind it.
         need = await asyncio.to_thread(self.admission.estimate_bytes, launch_spec, model_path)
         async with self.admission.turn():  # a client that leaves while waiting here costs nothing
-            if not self._may_start(record):
+            if not self.may_start(record):
                 return True
             if record.spec is not spec:
                 return False
@@ -393,7 +399,7 @@ class Registry:
                 # Re-checked under the lock: a reload or a DELETE may have dropped or changed the
                 # record while it waited for room (its child would run outside /models, or with
                 # the old model file under the new settings).
-                if not self._may_start(record):
+                if not self.may_start(record):
                     return True
                 if record.spec is not spec:
                     return False
@@ -401,7 +407,7 @@ class Registry:
                 await asyncio.shield(self._spawn(record, model_path, launch_spec))
         return True
 
-    def _may_start(self, record: ModelRecord) -> bool:
+    def may_start(self, record: ModelRecord) -> bool:
         return record.status == ModelStatus.UNLOADED and self.records.get(record.name) is record
 
     async def _launch_spec(self, record: ModelRecord, spec: ModelSpec) -> tuple[str, ModelSpec] | None:
@@ -414,19 +420,9 @@ class Registry:
         files = await self.downloads.cached_files(spec)  # no network when they are there
         if files is not None:
             return files.model, files.launch_spec(spec)
-        if self._may_start(record) and record.spec is spec:
-            self.background(self._download_then_start(record, self.downloads.fetch_for_load(record)))
+        if self.may_start(record) and record.spec is spec:
+            self.background(self.downloads.load_after_download(record, self.downloads.fetch_for_load(record)))
         return None
-
-    async def _download_then_start(self, record: ModelRecord, download: asyncio.Task[Any]) -> None:
-        """Load a preset model once its files are downloaded, whether or not the request that
-        started it still waits (as a load runs to its end when its client leaves)."""
-        try:
-            await asyncio.shield(download)
-            if self._may_start(record):
-                await self._start(record)
-        except RouterError as exc:
-            log.warning("model %s not loaded: %s", record.name, exc.message)
 
     async def _resolve_model_path(self, spec: ModelSpec) -> str:
         model_value = spec.model_value
@@ -463,7 +459,7 @@ class Registry:
             raise
         self.background(self._stop_at_load_timeout(record, child))
         if not spec.speaks_protocol:
-            self.background(self._poll_until_ready(record, child))
+            self.background(poll_until_ready(self, record, child))
 
     def background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -481,20 +477,6 @@ class Registry:
             if record.child is child and record.status == ModelStatus.LOADING:
                 log.error("[%s] not ready within %g s (load-timeout): killing it", record.name, timeout_s)
                 child.kill_now_sync()
-
-    async def _poll_until_ready(self, record: ModelRecord, child: ChildProcess) -> None:
-        """A `cmd` child says nothing: it is ready when its check endpoint answers 200."""
-        port = record.assigned_port
-        assert port is not None
-        url = f"http://{CHILD_HOST}:{port}{record.spec.check_endpoint}"
-        ready = await wait_until_http_ready(
-            self.http, port, record.spec.check_endpoint,
-            still_waiting=lambda: record.child is child and record.status == ModelStatus.LOADING)
-        if not ready or record.child is not child or record.status != ModelStatus.LOADING:
-            return
-        record.upstream = local_child(port)
-        record.meta = {"port": port, "check_endpoint": record.spec.check_endpoint}
-        self.set_status(record, ModelStatus.LOADED, f"({url} answered 200)", info=record.meta)
 
     async def evict(self, record: ModelRecord) -> None:
         """Stop an idle model without cutting off anyone: requests that arrive while it stops wait
@@ -585,7 +567,7 @@ class Registry:
             self.events.publish(spec.name, "status_change", {"status": str(ModelStatus.UNLOADED)})
         self.events.publish("*", "models_reload", {})
         for record in restart:
-            await self._start(record)
+            await self.start(record)
 
     async def _drain_and_stop(self, record: ModelRecord) -> None:
         """Close the model to new requests, give those in flight up to --reload-grace-seconds to

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from router.errors import ConfigError
 
 LOCAL_HOST = "127.0.0.1"  # children listen on loopback only
+# Marks a request one router sends to its peer: the peer serves it with its own models only.
+FORWARDED_HEADER = b"x-modelyard-forwarded"
 
 
 @dataclass(frozen=True)

@@ -273,3 +273,23 @@ def test_preset_remote_and_peer_keys_are_checked(tmp_path: Path) -> None:
             specs(bad)
     assert parse_preset_text("peers = http://a:1\n[m]\nmodel = x\n", tmp_path / "p.ini") \
         .global_section.router_options == {"peers": "http://a:1"}
+
+
+def test_two_routers_that_peer_each_other_neither_nest_names_nor_loop_requests(
+        start_router, tiny_model: Path) -> None:
+    port_b = _free_port()
+    a = start_router(tiny_preset(tiny_model, ["tiny"]), "--peers", f"b=http://127.0.0.1:{port_b}")
+    b = start_router(tiny_preset(tiny_model, ["tiny"]), "--port", str(port_b), "--peers", f"a={a.url}")
+    _wait_entry(a, "tiny@b", "unloaded")
+    _wait_entry(b, "tiny@a", "unloaded")
+    time.sleep(1.0)  # a few feed rounds: nothing more may appear
+    assert set(_entries(a)) == {"tiny", "tiny@b"} and set(_entries(b)) == {"tiny", "tiny@a"}
+    # Through either, a request for `tiny` is served by one of the two children, never bounced
+    # between the routers (a request from a peer is served by local models only).
+    for router in (a, b):
+        for _ in range(4):
+            answer = router.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT})
+            assert answer.status_code == 200, answer.text
+    forwarded = b.client.post("/v1/chat/completions", json={"model": "tiny@a", **CHAT},
+                              headers={"X-Modelyard-Forwarded": "1"})
+    assert forwarded.status_code == 400  # from a peer: b's own models only

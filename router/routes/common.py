@@ -14,6 +14,7 @@ from child.serving import cancelled_if_client_leaves
 from router.errors import InvalidRequest
 from router.model_record import ModelRecord
 from router.registry import Lease, Registry
+from router.upstream import FORWARDED_HEADER
 
 
 def registry_of(request: Request) -> Registry:
@@ -72,13 +73,16 @@ async def lease_for(scope: Scope, receive: Receive, name: str | None, autoload: 
     registry: Registry = scope["app"].state.registry
     if autoload is None:
         autoload = autoload_of(scope)
+    peers_too = not any(k == FORWARDED_HEADER for k, _ in scope["headers"])
     if on_chosen is not None:
-        prefer = registry.choose(name, exclude, prefer)
+        prefer = registry.choose(name, exclude, prefer, peers_too)
         on_chosen(prefer)
-    lease = registry.acquire_now(name, autoload, exclude, prefer)
+    lease = registry.acquire_now(name, autoload, exclude, prefer, peers_too)
     if lease is not None:  # the model serves and is open: no wait, nothing to watch
         return lease
     if outlives_client:
-        return await registry.acquire(name, autoload, exclude, prefer)
+        return await registry.acquire(name, autoload, exclude, prefer, peers_too)
+    async with cancelled_if_client_leaves(scope, receive):
+        return await registry.acquire(name, autoload, exclude, prefer, peers_too)
     async with cancelled_if_client_leaves(scope, receive):
         return await registry.acquire(name, autoload, exclude, prefer)
