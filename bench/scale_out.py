@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from router_overhead import Connection, alternate, latencies, percentile, raw_request  # noqa: E402
+from router_overhead import alternate, latencies, percentile, raw_request, throughput  # noqa: E402
 
 from tiny_model import write_tiny_model  # noqa: E402
 
@@ -86,23 +85,7 @@ def node_preset(workdir: Path, name: str, model: str, extra: str) -> Path:
 async def tokens_per_second(port: int, model: str, clients: int, seconds: float) -> float:
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": TOKENS, "ignore_eos": True,
                        "temperature": 0}).encode()
-    request = raw_request("POST", "/v1/completions", body)
-    connections = [await Connection.open(port) for _ in range(clients)]
-    done = 0
-    deadline = time.perf_counter() + seconds
-
-    async def client(connection: Connection) -> None:
-        nonlocal done
-        while time.perf_counter() < deadline:
-            assert await connection.ask(request) == 200
-            done += 1
-
-    began = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in connections))
-    elapsed = time.perf_counter() - began
-    for connection in connections:
-        connection.close()
-    return done * TOKENS / elapsed
+    return await throughput(port, raw_request("POST", "/v1/completions", body), clients, seconds) * TOKENS
 
 
 async def front_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
