@@ -293,3 +293,52 @@ def test_two_routers_that_peer_each_other_neither_nest_names_nor_loop_requests(
     forwarded = b.client.post("/v1/chat/completions", json={"model": "tiny@a", **CHAT},
                               headers={"X-Modelyard-Forwarded": "1"})
     assert forwarded.status_code == 400  # from a peer: b's own models only
+
+
+@pytest.mark.anyio
+async def test_a_peer_host_name_is_every_address_it_resolves_to_followed_as_it_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A headless Service's name: each address a peer, looked up again and again (here the
+    resolver is scripted; the links themselves connect for real and find nobody there)."""
+    import asyncio
+
+    from router.events import EventHub
+    from router.peers import Peers
+    from router.registry import Registry
+    from router.settings import RouterSettings
+    from router.upstream_client import UpstreamClient
+
+    answers = [["10.9.0.1", "10.9.0.2"], ["10.9.0.2", "10.9.0.3"], OSError("no such host")]
+    asked = asyncio.Event()
+
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        asked.set()
+        if isinstance(answer, OSError):
+            raise answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in answer]
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    settings = RouterSettings(peers=("http://nodes.svc:8080",), peers_resolve_s=0.05, child_connect_timeout_s=0.2)
+    http = UpstreamClient(connect_timeout_s=0.2, read_timeout_s=1.0)
+    peers = Peers(Registry(settings, [], EventHub(), http), settings)
+    peers.start()
+    try:
+        for expected in ({"10.9.0.1:8080", "10.9.0.2:8080"}, {"10.9.0.2:8080", "10.9.0.3:8080"}):
+            deadline = loop.time() + 5
+            while set(peers.links) != expected:
+                assert loop.time() < deadline, set(peers.links)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the name stops resolving: the peers it had stay
+        assert set(peers.links) == {"10.9.0.2:8080", "10.9.0.3:8080"}
+    finally:
+        await peers.stop()
+        await http.close()
+
+
+def test_a_peer_given_by_host_name_is_found_by_resolving_it(start_router, tiny_model: Path) -> None:
+    node = start_router(tiny_preset(tiny_model, ["tiny"]))
+    front = start_router(None, "--peers", f"http://localhost:{_port(node)}")
+    _wait_entry(front, f"tiny@127.0.0.1:{_port(node)}", "unloaded")
+    assert front.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT}).status_code == 200
