@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         sys.exit(2)
     port = sock.getsockname()[1]
-    app = create_app(settings, specs, port)
+    try:
+        app = create_app(settings, specs, port)  # peers are checked there
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
     if settings.models_preset:
         log.info("preset %s", settings.models_preset)
     log.info("models (%d): %s", len(specs),

@@ -19,7 +19,7 @@ from router.gguf_files import is_main_gguf, pick_projector, strip_shard
 from router.hf_cache import list_cached_models, parse_reference
 from router.presets import GLOBAL_SECTION, PresetFile, PresetSection, load_preset_file, parse_bool, render_ini
 from router.settings import RouterSettings
-from router.upstream import parse_base_url
+from router.upstream import bearer, parse_base_url
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ def _remote_spec(name: str, options: dict[str, str | bool], router_options: dict
     """A preset section with `url =`: a server the router reaches but never starts."""
     url = router_options["url"].strip()
     parse_base_url(url, f"{where}: url")
+    bearer(router_options.get("api-key", "").strip(), f"{where}: api-key")  # refused here if it cannot be sent
     # [*]'s child flags (c = 4096, say) apply to the router's children, not to a remote server.
     own = {k: v for k, v in options.items() if k in _REMOTE_KEYS}
     stray = sorted({"cmd", "bin", "hf-repo", "hf-file"} & set(router_options) | {"model"} & set(options))

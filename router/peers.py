@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
 import socket
+import time
 from typing import Any
 
 from router.errors import ConfigError, PeerAnswered
@@ -41,8 +43,16 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
 FEED_SILENCE_S = 60.0  # a peer pings its feed every 15 s by default: silence beyond this is a dead peer
 REQUEST_TIMEOUT_S = 10.0
-MAX_LINE_BYTES = 1024 * 1024
+MAX_LINE_BYTES = 1024 * 1024  # one line, or one event, of the feed
+MAX_LIST_BYTES = 16 * 1024 * 1024  # the peer's /models
 MAX_MODELS = 4096
+MAX_NAME_CHARS = 256
+MAX_ENTRY_BYTES = 64 * 1024  # what is kept of a peer's /models entry for one model
+# What is kept of a peer's entry, shown in this router's /models: the facts, not the peer's own
+# bookkeeping (its status, in-flight count, source are this router's to say).
+ENTRY_KEYS = ("object", "owned_by", "created", "architecture", "meta", "memory", "tags", "can_remove")
+RECHECK_INTERVAL_S = 1.0  # the list is taken again, or a feed reopened on request, at most this often
+STABLE_FEED_S = 5.0  # a feed followed this long, then ended, is reopened at once
 STATUSES = {str(status): status for status in ModelStatus}
 
 
@@ -71,6 +81,12 @@ def parse_peer(text: str) -> tuple[str | None, str, int]:
     return (name.strip() or None), host, port
 
 
+def _acceptable_name(name: object) -> bool:
+    """A peer's model name this router takes: text of at most MAX_NAME_CHARS, without control
+    characters (it goes into logs and ids)."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and name.isprintable()
+
+
 def _is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -88,8 +104,13 @@ class Peers:
         self.registry = registry
         self.settings = settings
         key = settings.peers_api_key or (settings.api_keys[0] if settings.api_keys else None)
-        self.headers = bearer(key)
+        self.headers = bearer(key, "--peers-api-key")
         self.given = [parse_peer(text) for text in peers_of(settings)]
+        named = [name or (_peer_name(host, port) if _is_address(host) else f"{host}:{port}")
+                 for name, host, port in self.given]
+        if len(set(named)) != len(named):
+            twice = sorted({n for n in named if named.count(n) > 1})
+            raise ConfigError(f"--peers: {', '.join(twice)} given twice (each peer needs a name of its own)")
         self.links: dict[str, PeerLink] = {}
         self._tasks: list[asyncio.Task[None]] = []
         registry.on_unreachable = self._on_unreachable
@@ -107,11 +128,14 @@ class Peers:
         for link in list(self.links.values()):
             await link.stop()
 
-    def _link(self, name: str, host: str, port: int) -> None:
+    def _link(self, name: str, host: str, port: int) -> bool:
+        """Follow a new peer; False when a peer of that name is followed already."""
         if name in self.links:
-            return
+            log.warning("peers: %s is already a peer; %s:%d is not followed a second time", name, host, port)
+            return False
         link = self.links[name] = PeerLink(self.registry, name, Upstream(host, port, self.headers))
         link.start()
+        return True
 
     async def _follow_dns(self, host: str, port: int) -> None:
         """Every address of the name is a peer; looked up again and again."""
@@ -126,15 +150,16 @@ class Peers:
             else:
                 current = {_peer_name(address, port): address for address in addresses}
                 for name, address in current.items():
-                    if name not in mine:
+                    if name not in mine and name not in self.links:
                         log.info("peers: %s resolves to %s: a peer", host, name)
-                        self._link(name, address, port)
+                        if self._link(name, address, port):
+                            mine.add(name)
                 for name in mine - set(current):
                     log.info("peers: %s no longer resolves to %s: its models go", host, name)
                     link = self.links.pop(name, None)
                     if link is not None:
                         await link.stop()
-                mine = set(current)
+                mine &= set(current)
             await asyncio.sleep(self.settings.peers_resolve_s)
 
     def _on_unreachable(self, record: ModelRecord) -> None:
@@ -162,6 +187,9 @@ class PeerLink:
         # each other would nest names without end (x@b@a@b...) and send requests round in a loop.
         self.not_its_own: set[str] = set()
         self._asked: set[str] = set()
+        self._relist_wanted = False
+        self._listed_at = 0.0
+        self._last_recheck = 0.0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._down_reason: str | None = None
@@ -179,37 +207,48 @@ class PeerLink:
             self._drop(record)
 
     def recheck(self) -> None:
-        """Take the peer's list anew: its models changed, or a request could not connect to it
-        (the feed followed anew says whether the peer is there)."""
+        """A request could not connect to the peer: follow its feed anew, which says whether it is
+        there (at most once a second, however many requests fail)."""
+        now = time.monotonic()
+        if now - self._last_recheck < RECHECK_INTERVAL_S:
+            return
+        self._last_recheck = now
         self._wake.set()
         if self._feed is not None:
             self._feed.release()  # the feed ends here; _run follows it again at once
 
     async def _run(self) -> None:
+        """Follow the feed for as long as the router runs. A feed that was followed for a while and
+        ends is opened again at once, the models kept as they are; one that cannot be opened, or
+        ends soon, turns the models unloaded and is retried with backoff."""
         backoff = BACKOFF_FIRST_S
         while True:
             self._wake.clear()
+            began = time.monotonic()
             try:
-                followed = await self._follow()
+                await self._follow()
                 reason = "its feed ended"
-            except PeerFeedBroken as exc:
-                followed, reason = False, str(exc)
-            except UpstreamError as exc:
-                followed, reason = False, str(exc)
+            except (PeerFeedBroken, UpstreamError) as exc:
+                reason = str(exc)
             except TimeoutError:
-                followed, reason = False, f"no answer within {REQUEST_TIMEOUT_S:g} s"
+                reason = f"no answer within {REQUEST_TIMEOUT_S:g} s"
+            except Exception as exc:  # noqa: BLE001 - whatever a peer sends, the link lives on
+                log.exception("peer %s: following its feed failed", self.name)
+                reason = f"{type(exc).__name__}"
             finally:
                 self._feed = None
             if self._wake.is_set():
-                continue  # asked to take the list anew: at once, and its models stay as they are
+                continue  # asked to look again: at once, and its models stay as they are
+            if time.monotonic() - began >= STABLE_FEED_S:
+                backoff = BACKOFF_FIRST_S
+                continue  # a feed that lived: open it again before saying anything is down
             self._mark_down(f"peer {self.name} unreachable: {reason}")
-            backoff = BACKOFF_FIRST_S if followed else min(backoff * 2, BACKOFF_MAX_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _follow(self) -> bool:
-        """Open the feed, take the peer's list, then mirror events until the feed ends. True when
-        the feed was followed (a peer that restarts is then retried at once)."""
+    async def _follow(self) -> None:
+        """Open the feed, take the peer's list, then mirror events until the feed ends."""
         to = self.upstream
         http = self.registry.http
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
@@ -220,16 +259,13 @@ class PeerLink:
         try:
             if feed.status != 200:
                 raise PeerFeedBroken(f"/models/sse answered {feed.status}")
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                status, body = await self._get("/models")
-            if status != 200:
-                raise PeerFeedBroken(f"/models answered {status}")
-            self._take_list(body)
+            await self._relist()
             if self._down_reason is not None:
                 log.info("peer %s is back: %d models", self.name, len(self.records))
             self._down_reason = None
             pending = b""
             data: list[bytes] = []
+            size = 0
             async for chunk in feed.chunks():
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
@@ -239,27 +275,41 @@ class PeerLink:
                     line = line.rstrip(b"\r")
                     if line.startswith(b"data:"):
                         data.append(line[5:].strip())
+                        size += len(line)
+                        if size > MAX_LINE_BYTES:
+                            raise PeerFeedBroken(f"an event of /models/sse over {MAX_LINE_BYTES} bytes")
                     elif not line and data:
                         self._take_event(b"\n".join(data))
-                        data = []
-            return True
+                        data, size = [], 0
+                if self._relist_wanted and time.monotonic() - self._listed_at >= RECHECK_INTERVAL_S:
+                    await self._relist()  # on the side of the feed, whose events wait meanwhile
         finally:
             feed.release()
+
+    async def _relist(self) -> None:
+        """Take the peer's /models (bounded in time and size)."""
+        self._relist_wanted = False
+        self._listed_at = time.monotonic()
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            status, body = await self._get("/models")
+        if status != 200:
+            raise PeerFeedBroken(f"/models answered {status}")
+        self._take_list(body)
 
     async def _get(self, target: str) -> tuple[int, bytes]:
         to = self.upstream
         response = await self.registry.http.request("GET", to.host, to.port, target, list(to.headers),
                                                     read_timeout_s=REQUEST_TIMEOUT_S)
         try:
-            return response.status, await response.read()
+            return response.status, await response.read(MAX_LIST_BYTES)
         finally:
             response.release()
 
     def _take_list(self, body: bytes) -> None:
         try:
             listed = json.loads(body)["data"]
-            entries = {e["id"]: e for e in listed if isinstance(e, dict) and isinstance(e.get("id"), str)}
-        except (ValueError, KeyError, TypeError) as exc:
+            entries = {e["id"]: e for e in listed if isinstance(e, dict) and _acceptable_name(e.get("id"))}
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise PeerFeedBroken(f"/models is not a model list ({type(exc).__name__})") from exc
         self.not_its_own = {model for model, entry in entries.items() if entry.get("source") == SOURCE_PEER}
         entries = {model: entry for model, entry in entries.items() if model not in self.not_its_own}
@@ -283,10 +333,12 @@ class PeerLink:
             model, event, data = message["model"], message["event"], message.get("data") or {}
             if not isinstance(model, str) or not isinstance(event, str) or not isinstance(data, dict):
                 raise TypeError(type(message).__name__)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise PeerFeedBroken(f"/models/sse sent what is not a status event ({type(exc).__name__})") from exc
         if event == "models_reload":
-            self.recheck()  # its list changed: take it anew
+            self._relist_wanted = True  # its list changed: take it anew
+        elif not _acceptable_name(model):
+            return  # a name this router does not take (see _acceptable_name)
         elif event == "model_remove":
             record = self.records.get(model)
             if record is not None:
@@ -304,14 +356,23 @@ class PeerLink:
                 # New to its list: take the list, which says whose it is. Once per name: a model
                 # the list does not show (`unlisted` there) is not asked about again and again.
                 self._asked.add(model)
-                self.recheck()
+                self._relist_wanted = True
 
     def _record(self, model: str, entry: dict[str, Any]) -> ModelRecord | None:
         record = self.records.get(model)
-        kept = {k: v for k, v in entry.items() if k not in ("id", "status", "in_flight", "last_used", "source",
-                                                             "aliases", "peer")}
+        kept = {k: entry[k] for k in ENTRY_KEYS if k in entry}
+        try:
+            if len(json.dumps(kept)) > MAX_ENTRY_BYTES:
+                kept = {}
+        except (TypeError, ValueError, RecursionError):
+            kept = {}
+        aliases = entry.get("aliases")
+        aliases = tuple(a for a in aliases if _acceptable_name(a))[:16] if isinstance(aliases, list) else ()
         if record is not None:
             record.peer_entry = kept
+            if aliases != record.spec.aliases:
+                record.spec = dataclasses.replace(record.spec, aliases=aliases)
+                self.registry.records.version += 1  # the replica index takes the aliases anew
             return record
         if len(self.records) >= MAX_MODELS:
             raise PeerFeedBroken(f"more than {MAX_MODELS} models")
@@ -319,7 +380,7 @@ class PeerLink:
         if key in self.registry.records:
             log.warning("peer %s: its model %s is not served: %s is already a model here", self.name, model, key)
             return None
-        spec = ModelSpec(name=key, source=SOURCE_PEER, peer=self.name, peer_model=model)
+        spec = ModelSpec(name=key, source=SOURCE_PEER, peer=self.name, peer_model=model, aliases=aliases)
         record = self.registry.add_elsewhere(spec)
         record.peer_entry = kept
         record.upstream = Upstream(self.upstream.host, self.upstream.port,

@@ -37,6 +37,10 @@ _DROP_REQUEST_HEADERS = {b"host", b"content-length", b"connection", b"keep-alive
 _DROP_RESPONSE_HEADERS = {b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"date",
                           b"server"}
 
+# The largest non-streamed answer taken from a remote server or a peer (it is held whole).
+MAX_FOREIGN_ANSWER_BYTES = 64 * 1024 * 1024
+
+
 def make_client(settings: RouterSettings) -> UpstreamClient:
     """The router's one HTTP client towards its children."""
     return UpstreamClient(connect_timeout_s=settings.child_connect_timeout_s, read_timeout_s=settings.timeout_s)
@@ -104,7 +108,8 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
 
     if whole or not (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
         try:
-            data = await upstream.read()
+            # A child of this router is trusted with the size of its answer; another server is not.
+            data = await upstream.read(None if record.is_local else MAX_FOREIGN_ANSWER_BYTES)
         except UpstreamError as exc:
             metrics.count_answer(name, 502, 0)
             raise UpstreamFailed(f"model '{name}' failed while answering: {type(exc).__name__}") from exc

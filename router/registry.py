@@ -33,7 +33,7 @@ from router.events import EventHub, load_progress
 from router.metrics import RouterMetrics
 from router.model_logs import ModelLogs
 from router.model_record import ModelRecord
-from router.model_sources import SOURCE_PEER, ModelSpec
+from router.model_sources import ModelSpec
 from router.model_status import ModelStatus, check_transition
 from router.orphan_reaper import OrphanReaper
 from router.settings import RouterSettings
@@ -217,18 +217,20 @@ class Registry:
     # -- requests -------------------------------------------------------------------------------
 
     def choose(self, name: str | None, exclude: Collection[ModelRecord] = (),
-               prefer: ModelRecord | None = None, peers_too: bool = True) -> ModelRecord:
+               prefer: ModelRecord | None = None, local_only: bool = False) -> ModelRecord:
         """The replica a request for `name` goes to: `prefer` (the conversation's) if it may take
         it, else the one with the fewest requests in flight among those that serve now, else
         among those that can be sent to (a local model loads, a peer loads its own); the least
         recently used first among equals, so that light traffic is spread too. `exclude`: those
-        a connection already failed to. Not `peers_too`: the request came from a peer, which
-        chose this router for it (sent on, it could go round between routers that peer each other)."""
+        a connection already failed to. `local_only`: the request came from another router (a
+        peer, or a remote section naming this one), which chose this router for it: sent on, it
+        could go round between routers that name each other."""
         group = self.replicas(name)
-        if not peers_too:
-            group = [r for r in group if r.spec.source != SOURCE_PEER]
+        if local_only:
+            group = [r for r in group if r.is_local]
             if not group:
-                raise InvalidRequest(f"model '{name}' not found (a request from a peer is served by local models only)")
+                raise InvalidRequest(f"model '{name}' not found (a request from another router is served by "
+                                     "this router's own models only)")
         if len(group) == 1 and not exclude and group[0].routable:
             return group[0]  # one upstream: no choice to make
         if prefer is not None and prefer in group and prefer not in exclude and prefer.routable:
@@ -248,10 +250,10 @@ class Registry:
         return bool(limit) and record.limited_in_flight >= limit
 
     def acquire_now(self, name: str | None, autoload: bool, exclude: Collection[ModelRecord] = (),
-                    prefer: ModelRecord | None = None, peers_too: bool = True) -> Lease | None:
+                    prefer: ModelRecord | None = None, local_only: bool = False) -> Lease | None:
         """The fast path of `acquire`: a lease on a model that serves and is open to new requests,
         without awaiting anything; None when the caller has to wait (then call `acquire`)."""
-        record = self.choose(name, exclude, prefer, peers_too)
+        record = self.choose(name, exclude, prefer, local_only)
         if not record.is_local:
             return self._claim(record)  # a peer loads its own models; a remote one serves or is skipped
         if not record.status.can_serve or self.closed_to_new_requests(record):
@@ -282,9 +284,9 @@ class Registry:
         return Lease(self, record, limited)
 
     async def acquire(self, name: str | None, autoload: bool, exclude: Collection[ModelRecord] = (),
-                      prefer: ModelRecord | None = None, peers_too: bool = True) -> Lease:
+                      prefer: ModelRecord | None = None, local_only: bool = False) -> Lease:
         """Claim a model for one request and make sure it can serve (loading it if allowed)."""
-        record = self.choose(name, exclude, prefer, peers_too)
+        record = self.choose(name, exclude, prefer, local_only)
         if not record.is_local:
             return self._claim(record)
         if not autoload and not record.status.is_running:
@@ -553,7 +555,9 @@ class Registry:
                 await self._drain_and_stop(record)
             was_local = record.is_local
             record.spec = spec
-            if was_local != record.is_local:  # a local model became a remote one, or back
+            if was_local != record.is_local or not record.is_local:
+                # Served elsewhere now, or a remote model with another url or key: nothing goes to
+                # the old address; its next health check (at once) says where it stands.
                 record.upstream, record.unreachable = None, None
                 if record.status != ModelStatus.UNLOADED:
                     self.set_status(record, ModelStatus.UNLOADED, "(now served elsewhere)", elsewhere=True)

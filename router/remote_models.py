@@ -17,7 +17,7 @@ from router.model_record import ModelRecord
 from router.model_sources import SOURCE_REMOTE, ModelSpec
 from router.model_status import ModelStatus
 from router.registry import Registry
-from router.upstream import Upstream, bearer, parse_base_url
+from router.upstream import FORWARDED_HEADER, Upstream, bearer, parse_base_url
 from router.upstream_client import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ CHECK_TIMEOUT_S = 5.0
 
 def remote_upstream(spec: ModelSpec) -> Upstream:
     host, port = parse_base_url(spec.remote_url, f"model [{spec.name}] url")
-    return Upstream(host, port, bearer(spec.api_key), spec.use_model_name or spec.served_name)
+    return Upstream(host, port, (*bearer(spec.api_key, f"model [{spec.name}] api-key"), (FORWARDED_HEADER, b"1")),
+                    spec.use_model_name or spec.served_name)
 
 
 async def check_remote_models(registry: Registry) -> None:
@@ -36,6 +37,7 @@ async def check_remote_models(registry: Registry) -> None:
     registry each time, so models a reload adds or removes are followed (or let go) at once."""
     loop = asyncio.get_running_loop()
     due: dict[ModelRecord, float] = {}
+    checked_spec: dict[ModelRecord, ModelSpec] = {}  # a reload that changes a spec makes it due at once
     checking: set[ModelRecord] = set()
     while True:
         now = loop.time()
@@ -43,9 +45,11 @@ async def check_remote_models(registry: Registry) -> None:
         for record in list(due):
             if record not in remote:
                 del due[record]  # removed from the sources
+                checked_spec.pop(record, None)
         for record in remote:
-            if record in checking or due.get(record, 0.0) > now:
+            if record in checking or (due.get(record, 0.0) > now and checked_spec.get(record) is record.spec):
                 continue
+            checked_spec[record] = record.spec
             checking.add(record)
             due[record] = now + record.spec.check_interval_s
             registry.background(_check(registry, record, checking))

@@ -12,21 +12,37 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from urllib.parse import quote
 
 from fastapi import Response
 from starlette.types import Receive, Scope
 
-from router.errors import UpstreamUnreachable
+from router.errors import InvalidRequest, UpstreamUnreachable
 from router.model_record import ModelRecord
+from router.model_sources import SOURCE_PEER, SOURCE_REMOTE
 from router.proxy import relay
 from router.routes.common import lease_for
-from router.upstream import body_for
+from router.upstream import body_for, query_for, remote_may_serve
 
 log = logging.getLogger(__name__)
 
 
+def target_for(record: ModelRecord, target: str, requested: str | None, own_route: bool) -> str:
+    """Where the request goes on the record's upstream. `own_route`: llama-swap's
+    `/upstream/<model>/<path>`, the model's own route `<path>` (on a peer, its own /upstream)."""
+    upstream = record.upstream
+    if upstream is None:
+        return target
+    if record.spec.source == SOURCE_PEER and own_route:
+        return f"/upstream/{quote(record.spec.peer_model, safe='')}{target}"
+    if record.spec.source == SOURCE_REMOTE and (own_route or not remote_may_serve(target.partition("?")[0])):
+        raise InvalidRequest(f"model '{record.name}' is a remote server's: only its inference routes are reached "
+                             "through this router")
+    return query_for(upstream, target, requested)
+
+
 async def send_to_model(scope: Scope, receive: Receive, name: str | None, method: str, target: str, body: bytes,
-                        *, prefer: ModelRecord | None = None,
+                        *, own_route: bool = False, prefer: ModelRecord | None = None,
                         on_chosen: Callable[[ModelRecord], None] | None = None,
                         on_abandoned: Callable[[ModelRecord], None] | None = None) -> Response:
     """Relay the request to a replica of `name`. `prefer`: the replica to use if it can take it.
@@ -39,12 +55,18 @@ async def send_to_model(scope: Scope, receive: Receive, name: str | None, method
         lease = await lease_for(scope, receive, name, exclude=tried, prefer=prefer,
                                 outlives_client=on_abandoned is not None, on_chosen=on_chosen)
         record = lease.record
-        sent_body = body_for(record.upstream, body, name) if record.upstream is not None else body
+        try:
+            sent_body = body_for(record.upstream, body, name) if record.upstream is not None else body
+            sent_target = target_for(record, target, name, own_route)
+        except BaseException:
+            lease.release()
+            raise
         try:
             if on_abandoned is not None:
-                return await relay(state.http, lease, method, target, scope["headers"], sent_body,
+                return await relay(state.http, lease, method, sent_target, scope["headers"], sent_body,
                                    on_abandoned=functools.partial(on_abandoned, record))
-            return await relay(state.http, lease, method, target, scope["headers"], sent_body, (scope, receive))
+            return await relay(state.http, lease, method, sent_target, scope["headers"], sent_body,
+                               (scope, receive))
         except UpstreamUnreachable as exc:
             registry.report_unreachable(record, exc.message)
             tried.append(record)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from router.errors import ConfigError
 
 LOCAL_HOST = "127.0.0.1"  # children listen on loopback only
-# Marks a request one router sends to its peer: the peer serves it with its own models only.
+# Marks a request one router sends to another (a peer, a remote section): the router that
+# receives it serves it with its own models only, so no request goes round between routers.
 FORWARDED_HEADER = b"x-modelyard-forwarded"
 
 
@@ -39,8 +40,13 @@ def local_child(port: int) -> Upstream:
     return Upstream(LOCAL_HOST, port)
 
 
-def bearer(api_key: str | None) -> tuple[tuple[bytes, bytes], ...]:
-    return ((b"authorization", b"Bearer " + api_key.encode("latin-1")),) if api_key else ()
+def bearer(api_key: str | None, where: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The Authorization header that sends `api_key`; a key that cannot be a header is refused."""
+    if not api_key:
+        return ()
+    if not (api_key.isascii() and api_key.isprintable()):
+        raise ConfigError(f"{where}: an API key must be printable ASCII (it is sent as an HTTP header)")
+    return ((b"authorization", b"Bearer " + api_key.encode("ascii")),)
 
 
 def parse_base_url(url: str, where: str) -> tuple[str, int]:
@@ -63,6 +69,31 @@ def parse_base_url(url: str, where: str) -> tuple[str, int]:
     return parts.hostname, port or 80
 
 
+# What a remote server is reached on through this router: its inference routes. Not the rest of its
+# API (files, keys, admin routes), which its api-key would open to every client of this router.
+REMOTE_ROUTES = frozenset({
+    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/completion",
+    "/v1/embeddings", "/embeddings", "/embedding", "/v1/messages", "/v1/messages/count_tokens",
+    "/v1/responses", "/responses", "/v1/rerank", "/rerank", "/v1/reranking", "/reranking", "/infill",
+    "/tokenize", "/detokenize", "/apply-template", "/v1/audio/transcriptions", "/v1/streams/lookup",
+    "/v1/stream",
+})
+
+
+def remote_may_serve(path: str) -> bool:
+    return path in REMOTE_ROUTES or path.startswith("/v1/stream/")
+
+
+def query_for(upstream: Upstream, target: str, requested: str | None) -> str:
+    """The target with `?model=` naming the model as the upstream knows it."""
+    name = upstream.model_name
+    path, mark, query = target.partition("?")
+    if name is None or requested is None or name == requested or "model=" not in query:
+        return target
+    pairs = [(k, name if k == "model" and v == requested else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+    return path + mark + urlencode(pairs)
+
+
 def body_for(upstream: Upstream, body: bytes, requested: str | None) -> bytes:
     """The request body as the upstream must see it: its own name for the model in a JSON body's
     `model` (when the client named it otherwise). Any other body goes as it came."""
@@ -71,7 +102,7 @@ def body_for(upstream: Upstream, body: bytes, requested: str | None) -> bytes:
         return body
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # a body nested too deep to parse: as it came
         return body
     if not isinstance(data, dict) or data.get("model") != requested:
         return body

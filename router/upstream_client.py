@@ -228,8 +228,16 @@ class UpstreamResponse:
         while (chunk := await self._connection.next_chunk()) is not None:
             yield chunk
 
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; beyond `limit` bytes, an UpstreamError (and the connection is closed)."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise UpstreamError(f"the answer is over {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
     def release(self) -> None:
         """Give the connection back for the next request if the answer was read whole, else close it."""
@@ -264,9 +272,15 @@ class UpstreamClient:
         timeout_s = self.read_timeout_s if read_timeout_s is None else read_timeout_s
         connection = self._idle_connection(key)
         reused = connection is not None
+        resent = False
         while True:
             if connection is None:
-                connection = await self._connect(host, port)
+                try:
+                    connection = await self._connect(host, port)
+                except ConnectFailed as exc:
+                    if resent:  # the request was written once already: it may have been seen
+                        raise UpstreamError(f"{exc} (after the connection it was sent on closed)") from exc
+                    raise
             connection._reset()
             assert connection.transport is not None
             connection.transport.write(message)
@@ -277,7 +291,7 @@ class UpstreamClient:
                 if reused and connection.lost_before_answer:
                     # The server had closed this idle connection: it never saw the request. Once,
                     # on a new connection.
-                    connection, reused = None, False
+                    connection, reused, resent = None, False, True
                     continue
                 raise
             except BaseException:

@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -176,36 +177,65 @@ def test_a_remote_model_follows_its_health_and_hides_its_key(start_router, tiny_
     assert "warning" in front.log_text().lower() and "remote model tiny@box" in front.log_text()
 
 
-class _GarbageFeed(BaseHTTPRequestHandler):
-    """A 'peer' that answers /models with a list and /models/sse with garbage."""
+class FakePeer(BaseHTTPRequestHandler):
+    """A 'peer' answering /models with `listing` and /models/sse with `feed` bytes (then it ends
+    the feed, or holds it open with `hold_s`); it counts what it is asked."""
+
+    listing: bytes = json.dumps({"data": [{"id": "ghost", "status": {"value": "loaded"}}]}).encode()
+    feed: bytes = b"data: {this is not json\n\n"
+    hold_s = 0.0
+    asked: Counter[str]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.asked[self.path.partition("?")[0]] += 1
         if self.path == "/models":
-            body = json.dumps({"data": [{"id": "ghost", "status": {"value": "loaded"}}]}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
+            self.send_header("content-length", str(len(self.listing)))
             self.end_headers()
-            self.wfile.write(body)
-        else:
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.end_headers()
-            self.wfile.write(b"data: {this is not json\n\n")
+            self.wfile.write(self.listing)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        try:
+            self.wfile.write(self.feed)
             self.wfile.flush()
+            time.sleep(self.hold_s)
+        except OSError:
+            pass
+        self.close_connection = True
 
     def log_message(self, *args: Any) -> None:
         pass
 
 
+def _serve_peer(**behaviour: Any) -> tuple[str, Counter[str], ThreadingHTTPServer]:
+    handler = type("Peer", (FakePeer,), {**behaviour, "asked": Counter()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", handler.asked, server
+
+
 @pytest.fixture
-def garbage_peer() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _GarbageFeed)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def fake_peer() -> Iterator[Any]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(**behaviour: Any) -> tuple[str, Counter[str]]:
+        url, asked, server = _serve_peer(**behaviour)
+        servers.append(server)
+        return url, asked
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def garbage_peer(fake_peer: Any) -> str:
+    return str(fake_peer()[0])
 
 
 def test_peers_that_do_not_answer_or_answer_garbage_leave_the_front_healthy(
@@ -342,3 +372,168 @@ def test_a_peer_given_by_host_name_is_found_by_resolving_it(start_router, tiny_m
     front = start_router(None, "--peers", f"http://localhost:{_port(node)}")
     _wait_entry(front, f"tiny@127.0.0.1:{_port(node)}", "unloaded")
     assert front.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT}).status_code == 200
+
+
+# -- what the review of the scale-out work found, each a test ------------------------------------
+
+def _in_flight(router: RouterProcess) -> dict[str, int]:
+    return {name: e["in_flight"] for name, e in _entries(router).items()}
+
+
+def test_a_remote_section_naming_its_own_router_does_not_send_requests_round(
+        start_router, tiny_model: Path) -> None:
+    port = _free_port()
+    router = start_router(tiny_preset(tiny_model, ["tiny"], extra="concurrency-limit = 1\n") +
+                          f"[tiny@self]\nurl = http://127.0.0.1:{port}\ncheck-interval = 0.2\n", "--port", str(port))
+    _wait_entry(router, "tiny@self", "loaded")
+    body = {"model": "tiny", **CHAT, "max_tokens": 20, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: router.client.post("/v1/chat/completions", json=body), range(3)))
+    # The local one takes one request; one more goes to "the remote", which is this router again:
+    # there it may only use its own model (busy: 429). Nothing goes round.
+    assert all(a.status_code in (200, 429) for a in answers), [a.text for a in answers]
+    assert any(a.status_code == 200 for a in answers)
+    _wait(lambda: set(_in_flight(router).values()) == {0}, "every lease to be released")
+
+
+def test_a_body_too_deep_to_parse_for_a_remote_releases_its_lease(start_router, tiny_model: Path) -> None:
+    node = start_router(tiny_preset(tiny_model, ["tiny"]))
+    front = start_router(f"version = 1\n[tiny@box]\nurl = {node.url}\ncheck-interval = 0.2\nconcurrency-limit = 1\n"
+                         "use-model-name = tiny\n")
+    _wait_entry(front, "tiny@box", "loaded")
+    deep = b"[" * 100_000
+    for path in ("/v1/chat/completions", "/upstream/tiny@box/v1/chat/completions"):
+        answer = front.client.post(path, content=deep, headers={"content-type": "application/json"})
+        assert 400 <= answer.status_code < 500, answer.text
+    assert front.client.post("/v1/chat/completions", json={"model": "tiny@box", **CHAT}).status_code == 200
+    assert _in_flight(front)["tiny@box"] == 0
+
+
+def test_a_remote_model_is_reached_on_its_inference_routes_only(start_router, tiny_model: Path) -> None:
+    node = start_router(tiny_preset(tiny_model, ["tiny"]), "--api-key", "remote-key")
+    front = start_router(f"version = 1\n[tiny@box]\nurl = {node.url}\napi-key = remote-key\n"
+                         "check-interval = 0.2\nuse-model-name = tiny\n")
+    _wait_entry(front, "tiny@box", "loaded")
+    # With its key, the front could unload the node's models or read its files for anyone: no.
+    for method, path in (("POST", "/upstream/tiny@box/models/unload"), ("GET", "/v1/files?model=tiny@box"),
+                         ("GET", "/slots?model=tiny@box")):
+        answer = front.client.request(method, path, json={"model": "tiny"} if method == "POST" else None)
+        assert answer.status_code == 400 and "inference routes" in answer.json()["error"]["message"], answer.text
+    assert front.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT}).status_code == 200
+
+
+def test_a_peers_own_routes_and_query_names_reach_its_model(start_router, tiny_model: Path) -> None:
+    node = start_router(tiny_preset(tiny_model, ["tiny"], extra="alias = chat\n"), "--api-key", "k")
+    front = start_router(None, "--api-key", "k", "--peers", f"n={node.url}")
+    headers = {"Authorization": "Bearer k"}
+    _wait(lambda: "tiny@n" in {e["id"] for e in front.client.get("/models", headers=headers).json()["data"]},
+          "the peer's model")
+    # /upstream/<model>@peer/<path> is the model's own <path> (through the peer's /upstream),
+    # never the peer router's own routes.
+    props = front.client.get("/upstream/tiny@n/props", headers=headers)
+    assert props.status_code == 200 and "default_generation_settings" in props.json()
+    unload = front.client.post("/upstream/tiny@n/models/unload", json={"model": "tiny"}, headers=headers)
+    assert unload.status_code in (404, 405), unload.text  # the child has no such route
+    # ?model=name@peer names the model as the peer knows it; a peer's aliases work through the front.
+    assert front.client.get("/props", params={"model": "tiny@n"}, headers=headers).status_code == 200
+    chat = front.client.post("/v1/chat/completions", json={"model": "chat", **CHAT}, headers=headers)
+    assert chat.status_code == 200, chat.text
+
+
+@pytest.mark.parametrize("feed, reason", [
+    (b"data: " + b"[" * 100_000 + b"\n\n", "not a status event"),
+    (b"data: x\n" * 200_000, "over 1048576 bytes"),
+    (b"data: {\"model\": \"ghost\", \"event\": \"status_change\", \"data\": {\"status\": \"exploded\"}}\n\n",
+     "unknown status"),
+])
+def test_a_peer_feed_that_breaks_the_rules_turns_its_models_unloaded_and_is_retried(
+        start_router, fake_peer: Any, feed: bytes, reason: str) -> None:
+    url, asked = fake_peer(feed=feed)
+    front = start_router(None, "--peers", f"p={url}")
+    entry = _wait_entry(front, "ghost@p", "unloaded")
+    assert reason in entry["status"]["error"]
+    _wait(lambda: asked["/models/sse"] >= 3, "the feed to be retried")
+    assert front.client.get("/health").status_code == 200
+
+
+def test_a_peer_feed_that_ends_at_once_or_reloads_is_not_reopened_in_a_tight_loop(
+        start_router, fake_peer: Any) -> None:
+    ends, ends_asked = fake_peer(feed=b"")
+    reloads, reloads_asked = fake_peer(feed=b'data: {"model": "*", "event": "models_reload", "data": {}}\n\n' * 50,
+                                       hold_s=3.0)
+    front = start_router(None, "--peers", f"e={ends},r={reloads}")
+    time.sleep(3.0)
+    assert ends_asked["/models/sse"] <= 6, ends_asked  # backoff 0.5, 1, 2 s...
+    assert reloads_asked["/models"] <= 6, reloads_asked  # one list a second at most
+    assert front.client.get("/health").status_code == 200
+
+
+def test_a_peer_list_is_bounded_and_only_its_facts_are_kept(start_router, fake_peer: Any) -> None:
+    evil = "ev\nil 2026-01-01 CRITICAL forged"
+    listing = json.dumps({"data": [
+        {"id": "good", "status": {"value": "loaded"}, "meta": {"n_ctx": 1}, "junk": "x" * 1000},
+        {"id": evil, "status": {"value": "loaded"}}, {"id": "y" * 300, "status": {"value": "loaded"}},
+    ]}).encode()
+    url, _ = fake_peer(listing=listing, feed=b": ping\n\n", hold_s=5.0)
+    huge, _ = fake_peer(listing=b'{"data": [' + b'{"id": "m"},' * 2_000_000 + b'{"id": "n"}]}', hold_s=5.0)
+    front = start_router(None, "--peers", f"p={url},h={huge}")
+    entry = _wait_entry(front, "good@p", "loaded")
+    assert entry["meta"] == {"n_ctx": 1} and "junk" not in entry
+    assert set(_entries(front)) == {"good@p"}  # no forged log line, no 300-character name, nothing of h
+    _wait(lambda: "over 16777216 bytes" in front.log_text(), "the huge list to be refused")
+    assert "CRITICAL forged" not in front.log_text()
+
+
+def test_a_reload_points_a_remote_model_at_its_new_url_at_once(start_router, tiny_model: Path) -> None:
+    old = start_router(tiny_preset(tiny_model, ["tiny"]))
+    new = start_router(tiny_preset(tiny_model, ["tiny"]))
+    section = "version = 1\n[tiny@box]\nurl = {}\ncheck-interval = 30\nuse-model-name = tiny\n"
+    front = start_router(section.format(old.url))
+    _wait_entry(front, "tiny@box", "loaded")
+    front.preset_path.write_text(section.format(new.url))
+    assert front.client.get("/models", params={"reload": "1"}).status_code == 200
+    _wait_entry(front, "tiny@box", "loaded", timeout_s=5)  # checked at once, not in 30 s
+    assert front.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT}).status_code == 200
+    assert new.model_entry("tiny")["last_used"] is not None and old.model_entry("tiny")["last_used"] is None
+
+
+def test_peers_and_remote_keys_that_cannot_work_stop_the_router(start_router, tiny_model: Path) -> None:
+    for args, message in ((["--peers", "a=http://127.0.0.1:9,a=http://127.0.0.1:10"], "given twice"),
+                          (["--peers", "http://127.0.0.1:9", "--peers-api-key", "ключ"], "printable ASCII")):
+        with pytest.raises(RuntimeError, match=message):
+            start_router(None, *args)
+    with pytest.raises(RuntimeError, match="printable ASCII"):
+        start_router("version = 1\n[m@x]\nurl = http://127.0.0.1:9\napi-key = ключ\n")
+
+
+@pytest.mark.anyio
+async def test_a_static_peer_stays_when_a_host_name_stops_resolving_to_its_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from router.events import EventHub
+    from router.peers import Peers
+    from router.registry import Registry
+    from router.settings import RouterSettings
+    from router.upstream_client import UpstreamClient
+
+    answers = [["10.9.0.2"], ["10.9.0.5"]]
+
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in answer]
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    settings = RouterSettings(peers=("http://10.9.0.2:8080", "http://nodes.svc:8080"), peers_resolve_s=0.05)
+    http = UpstreamClient(connect_timeout_s=0.2, read_timeout_s=1.0)
+    peers = Peers(Registry(settings, [], EventHub(), http), settings)
+    peers.start()
+    try:
+        deadline = loop.time() + 5
+        while set(peers.links) != {"10.9.0.2:8080", "10.9.0.5:8080"}:
+            assert loop.time() < deadline, set(peers.links)
+            await asyncio.sleep(0.01)
+    finally:
+        await peers.stop()
+        await http.close()

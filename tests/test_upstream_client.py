@@ -178,3 +178,30 @@ async def test_upstream_a_slow_reader_is_not_taken_for_a_silent_server() -> None
         assert len(await response.read()) == len(big)
         response.release()
         await client.close()
+
+
+@pytest.mark.anyio
+async def test_upstream_a_request_resent_after_a_closed_connection_is_not_called_unsent() -> None:
+    """The server read the request on a reused connection, then went away (an OOM kill, say):
+    the resend cannot connect. That is no ConnectFailed, which would send the request to another
+    replica although the first may have started it."""
+    from router.upstream_client import ConnectFailed
+
+    async def handler(n: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        if n == 1:
+            writer.write(answer(b"first"))
+            return True
+        await asyncio.sleep(0.1)  # it works on it, then dies without answering
+        server.server.close()
+        return False
+
+    client = UpstreamClient(connect_timeout_s=1.0, read_timeout_s=5.0)
+    async with ScriptedServer(handler) as server:
+        first = await client.request("GET", "127.0.0.1", server.port, "/", [])
+        assert await first.read() == b"first"
+        first.release()
+        with pytest.raises(UpstreamError) as raised:
+            await client.request("POST", "127.0.0.1", server.port, "/v1/completions", [], b"{}")
+        assert not isinstance(raised.value, ConnectFailed)
+        assert len(server.requests) == 2
+    await client.close()

@@ -73,16 +73,14 @@ async def lease_for(scope: Scope, receive: Receive, name: str | None, autoload: 
     registry: Registry = scope["app"].state.registry
     if autoload is None:
         autoload = autoload_of(scope)
-    peers_too = not any(k == FORWARDED_HEADER for k, _ in scope["headers"])
+    local_only = any(k == FORWARDED_HEADER for k, _ in scope["headers"])
     if on_chosen is not None:
-        prefer = registry.choose(name, exclude, prefer, peers_too)
+        prefer = registry.choose(name, exclude, prefer, local_only)
         on_chosen(prefer)
-    lease = registry.acquire_now(name, autoload, exclude, prefer, peers_too)
+    lease = registry.acquire_now(name, autoload, exclude, prefer, local_only)
     if lease is not None:  # the model serves and is open: no wait, nothing to watch
         return lease
     if outlives_client:
-        return await registry.acquire(name, autoload, exclude, prefer, peers_too)
+        return await registry.acquire(name, autoload, exclude, prefer, local_only)
     async with cancelled_if_client_leaves(scope, receive):
-        return await registry.acquire(name, autoload, exclude, prefer, peers_too)
-    async with cancelled_if_client_leaves(scope, receive):
-        return await registry.acquire(name, autoload, exclude, prefer)
+        return await registry.acquire(name, autoload, exclude, prefer, local_only)

@@ -63,7 +63,7 @@ async def upstream(request: Request, rest: str) -> Response:
     else:
         raise InvalidRequest(f"model '{unquote(segments[0]) if segments else ''}' not found")
     target = "/" + "/".join(segments[count:]) + ("?" + query if query else "")
-    return await send_to_model(request.scope, request.receive, name, request.method, target, body)
+    return await send_to_model(request.scope, request.receive, name, request.method, target, body, own_route=True)
 
 
 @router.post("/{path:path}", include_in_schema=False)
