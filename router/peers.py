@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import logging
@@ -34,7 +35,7 @@ from router.model_status import ModelStatus
 from router.presets import load_preset_file
 from router.registry import Registry
 from router.settings import RouterSettings
-from router.upstream import FORWARDED_HEADER, Upstream, bearer, parse_base_url
+from router.upstream import Upstream, bearer, parse_base_url
 from router.upstream_client import UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ MAX_LINE_BYTES = 1024 * 1024  # one line, or one event, of the feed
 MAX_LIST_BYTES = 16 * 1024 * 1024  # the peer's /models
 MAX_MODELS = 4096
 MAX_NAME_CHARS = 256
+MAX_CONTROL_ANSWER_BYTES = 64 * 1024  # the peer's answer to a load or unload
 MAX_ENTRY_BYTES = 64 * 1024  # what is kept of a peer's /models entry for one model
 # What is kept of a peer's entry, shown in this router's /models: the facts, not the peer's own
 # bookkeeping (its status, in-flight count, source are this router's to say).
@@ -187,7 +189,9 @@ class PeerLink:
         # each other would nest names without end (x@b@a@b...) and send requests round in a loop.
         self.not_its_own: set[str] = set()
         self._asked: set[str] = set()
-        self._relist_wanted = False
+        self._relist_task: asyncio.Task[None] | None = None
+        self._list_digest = b""
+        self._followed_since: float | None = None
         self._listed_at = 0.0
         self._last_recheck = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -224,10 +228,11 @@ class PeerLink:
         backoff = BACKOFF_FIRST_S
         while True:
             self._wake.clear()
-            began = time.monotonic()
+            self._followed_since = None
+            ended_cleanly = False
             try:
                 await self._follow()
-                reason = "its feed ended"
+                reason, ended_cleanly = "its feed ended", True
             except (PeerFeedBroken, UpstreamError) as exc:
                 reason = str(exc)
             except TimeoutError:
@@ -237,11 +242,17 @@ class PeerLink:
                 reason = f"{type(exc).__name__}"
             finally:
                 self._feed = None
+                if self._relist_task is not None:
+                    self._relist_task.cancel()
             if self._wake.is_set():
                 continue  # asked to look again: at once, and its models stay as they are
-            if time.monotonic() - began >= STABLE_FEED_S:
+            followed_s = time.monotonic() - self._followed_since if self._followed_since is not None else 0.0
+            if ended_cleanly and followed_s >= STABLE_FEED_S:
+                # A feed followed for a while that the peer ended (it restarts, say): opened again
+                # at once; if that fails, the models are marked down then. A feed that broke or
+                # went silent marks them down now.
                 backoff = BACKOFF_FIRST_S
-                continue  # a feed that lived: open it again before saying anything is down
+                continue
             self._mark_down(f"peer {self.name} unreachable: {reason}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
@@ -256,10 +267,12 @@ class PeerLink:
                                       [(b"accept", b"text/event-stream"), *to.headers],
                                       read_timeout_s=FEED_SILENCE_S)
         self._feed = feed
+        self._list_digest = b""  # a new feed: the list is taken whatever it was before
         try:
             if feed.status != 200:
                 raise PeerFeedBroken(f"/models/sse answered {feed.status}")
             await self._relist()
+            self._followed_since = time.monotonic()
             if self._down_reason is not None:
                 log.info("peer %s is back: %d models", self.name, len(self.records))
             self._down_reason = None
@@ -281,20 +294,33 @@ class PeerLink:
                     elif not line and data:
                         self._take_event(b"\n".join(data))
                         data, size = [], 0
-                if self._relist_wanted and time.monotonic() - self._listed_at >= RECHECK_INTERVAL_S:
-                    await self._relist()  # on the side of the feed, whose events wait meanwhile
         finally:
             feed.release()
 
+    def _relist_soon(self) -> None:
+        """Take the peer's list again, at most once every RECHECK_INTERVAL_S, beside the feed."""
+        if self._relist_task is None or self._relist_task.done():
+            self._relist_task = asyncio.create_task(self._relist_later(), name=f"peer-{self.name}-list")
+
+    async def _relist_later(self) -> None:
+        await asyncio.sleep(max(0.0, self._listed_at + RECHECK_INTERVAL_S - time.monotonic()))
+        try:
+            await self._relist()
+        except (PeerFeedBroken, UpstreamError, TimeoutError) as exc:
+            log.warning("peer %s: its list could not be taken again: %s", self.name, exc)
+            self.recheck()
+
     async def _relist(self) -> None:
-        """Take the peer's /models (bounded in time and size)."""
-        self._relist_wanted = False
+        """Take the peer's /models (bounded in time and size; a list as it was last is not read again)."""
         self._listed_at = time.monotonic()
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
             status, body = await self._get("/models")
         if status != 200:
             raise PeerFeedBroken(f"/models answered {status}")
-        self._take_list(body)
+        digest = hashlib.sha256(body).digest()
+        if digest != self._list_digest:
+            self._take_list(body)
+            self._list_digest = digest
 
     async def _get(self, target: str) -> tuple[int, bytes]:
         to = self.upstream
@@ -336,7 +362,7 @@ class PeerLink:
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise PeerFeedBroken(f"/models/sse sent what is not a status event ({type(exc).__name__})") from exc
         if event == "models_reload":
-            self._relist_wanted = True  # its list changed: take it anew
+            self._relist_soon()  # its list changed: take it anew
         elif not _acceptable_name(model):
             return  # a name this router does not take (see _acceptable_name)
         elif event == "model_remove":
@@ -356,7 +382,7 @@ class PeerLink:
                 # New to its list: take the list, which says whose it is. Once per name: a model
                 # the list does not show (`unlisted` there) is not asked about again and again.
                 self._asked.add(model)
-                self._relist_wanted = True
+                self._relist_soon()
 
     def _record(self, model: str, entry: dict[str, Any]) -> ModelRecord | None:
         record = self.records.get(model)
@@ -383,8 +409,8 @@ class PeerLink:
         spec = ModelSpec(name=key, source=SOURCE_PEER, peer=self.name, peer_model=model, aliases=aliases)
         record = self.registry.add_elsewhere(spec)
         record.peer_entry = kept
-        record.upstream = Upstream(self.upstream.host, self.upstream.port,
-                                   (*self.upstream.headers, (FORWARDED_HEADER, b"1")), model)
+        record.upstream = Upstream(self.upstream.host, self.upstream.port, self.upstream.headers, model,
+                                   another_router=True)
         self.records[model] = record
         return record
 
@@ -415,7 +441,7 @@ class PeerLink:
                     "POST", to.host, to.port, f"/models/{action}",
                     [(b"content-type", b"application/json"), *to.headers], body)
                 try:
-                    data = await response.read()
+                    data = await response.read(MAX_CONTROL_ANSWER_BYTES)
                 finally:
                     response.release()
         except (UpstreamError, TimeoutError) as exc:
@@ -424,6 +450,6 @@ class PeerLink:
             try:
                 error = json.loads(data)["error"]
                 message, kind = str(error["message"]), str(error.get("type", "server_error"))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 message, kind = data[:200].decode("utf-8", "replace"), "server_error"
             raise PeerAnswered(response.status, f"peer {self.name}: {message}", kind)

@@ -24,6 +24,7 @@ from child.serving import cancelled_if_client_leaves
 from router.errors import UpstreamFailed, UpstreamUnreachable
 from router.registry import Lease
 from router.settings import RouterSettings
+from router.upstream import VIA_HEADER, via_for
 from router.upstream_client import ConnectFailed, UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,12 @@ log = logging.getLogger(__name__)
 # `100 Continue` would come back), and credentials (children never see the router's API key).
 _DROP_REQUEST_HEADERS = {b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding",
                          b"te", b"trailer", b"upgrade", b"proxy-connection", b"expect", b"authorization",
-                         b"x-api-key", b"accept-encoding", b"proxy-authorization"}
+                         b"x-api-key", b"accept-encoding", b"proxy-authorization", VIA_HEADER}
 _DROP_RESPONSE_HEADERS = {b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"date",
                           b"server"}
 
 # The largest non-streamed answer taken from a remote server or a peer (it is held whole).
-MAX_FOREIGN_ANSWER_BYTES = 64 * 1024 * 1024
+MAX_FOREIGN_ANSWER_BYTES = 256 * 1024 * 1024  # a full embeddings batch is some 90 MB
 
 
 def make_client(settings: RouterSettings) -> UpstreamClient:
@@ -90,6 +91,8 @@ async def _relay(client: UpstreamClient, lease: Lease, method: str, target: str,
         named = {token.strip().lower() for k, v in headers if k == b"connection" for token in v.split(b",")}
         forward = [(k, v) for k, v in forward if k not in named]
     forward.extend(to.headers)  # a remote server's or a peer's key
+    if to.another_router:
+        forward.append((VIA_HEADER, via_for(headers)))
     try:
         upstream = await client.request(method, to.host, to.port, target, forward, body)
     except ConnectFailed as exc:

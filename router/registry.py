@@ -33,12 +33,12 @@ from router.events import EventHub, load_progress
 from router.metrics import RouterMetrics
 from router.model_logs import ModelLogs
 from router.model_record import ModelRecord
-from router.model_sources import ModelSpec
+from router.model_sources import SOURCE_PEER, ModelSpec
 from router.model_status import ModelStatus, check_transition
 from router.orphan_reaper import OrphanReaper
 from router.settings import RouterSettings
 from router.source_diff import diff_sources
-from router.upstream import local_child
+from router.upstream import MAX_HOPS, ROUTER_ID, local_child
 from router.upstream_client import UpstreamClient
 
 if TYPE_CHECKING:
@@ -217,20 +217,21 @@ class Registry:
     # -- requests -------------------------------------------------------------------------------
 
     def choose(self, name: str | None, exclude: Collection[ModelRecord] = (),
-               prefer: ModelRecord | None = None, local_only: bool = False) -> ModelRecord:
+               prefer: ModelRecord | None = None, via: tuple[str, ...] = ()) -> ModelRecord:
         """The replica a request for `name` goes to: `prefer` (the conversation's) if it may take
         it, else the one with the fewest requests in flight among those that serve now, else
         among those that can be sent to (a local model loads, a peer loads its own); the least
         recently used first among equals, so that light traffic is spread too. `exclude`: those
-        a connection already failed to. `local_only`: the request came from another router (a
-        peer, or a remote section naming this one), which chose this router for it: sent on, it
-        could go round between routers that name each other."""
+        a connection already failed to. `via`: the routers the request came through (see
+        router/upstream.py VIA_HEADER): never sent on to a peer, and when it has been here before or
+        through MAX_HOPS routers, served by this router's own models only."""
         group = self.replicas(name)
-        if local_only:
-            group = [r for r in group if r.is_local]
+        if via:
+            local_only = ROUTER_ID in via or len(via) >= MAX_HOPS
+            group = [r for r in group if r.is_local or (not local_only and r.spec.source != SOURCE_PEER)]
             if not group:
-                raise InvalidRequest(f"model '{name}' not found (a request from another router is served by "
-                                     "this router's own models only)")
+                raise InvalidRequest(f"model '{name}' not found (a request that came from another router is not "
+                                     "sent on to a peer, nor back to a router it passed through)")
         if len(group) == 1 and not exclude and group[0].routable:
             return group[0]  # one upstream: no choice to make
         if prefer is not None and prefer in group and prefer not in exclude and prefer.routable:
@@ -250,10 +251,10 @@ class Registry:
         return bool(limit) and record.limited_in_flight >= limit
 
     def acquire_now(self, name: str | None, autoload: bool, exclude: Collection[ModelRecord] = (),
-                    prefer: ModelRecord | None = None, local_only: bool = False) -> Lease | None:
+                    prefer: ModelRecord | None = None, via: tuple[str, ...] = ()) -> Lease | None:
         """The fast path of `acquire`: a lease on a model that serves and is open to new requests,
         without awaiting anything; None when the caller has to wait (then call `acquire`)."""
-        record = self.choose(name, exclude, prefer, local_only)
+        record = self.choose(name, exclude, prefer, via)
         if not record.is_local:
             return self._claim(record)  # a peer loads its own models; a remote one serves or is skipped
         if not record.status.can_serve or self.closed_to_new_requests(record):
@@ -284,9 +285,9 @@ class Registry:
         return Lease(self, record, limited)
 
     async def acquire(self, name: str | None, autoload: bool, exclude: Collection[ModelRecord] = (),
-                      prefer: ModelRecord | None = None, local_only: bool = False) -> Lease:
+                      prefer: ModelRecord | None = None, via: tuple[str, ...] = ()) -> Lease:
         """Claim a model for one request and make sure it can serve (loading it if allowed)."""
-        record = self.choose(name, exclude, prefer, local_only)
+        record = self.choose(name, exclude, prefer, via)
         if not record.is_local:
             return self._claim(record)
         if not autoload and not record.status.is_running:

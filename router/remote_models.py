@@ -17,19 +17,20 @@ from router.model_record import ModelRecord
 from router.model_sources import SOURCE_REMOTE, ModelSpec
 from router.model_status import ModelStatus
 from router.registry import Registry
-from router.upstream import FORWARDED_HEADER, Upstream, bearer, parse_base_url
+from router.upstream import Upstream, bearer, parse_base_url
 from router.upstream_client import UpstreamError
 
 log = logging.getLogger(__name__)
 
 SUPERVISE_INTERVAL_S = 0.25
 CHECK_TIMEOUT_S = 5.0
+MAX_CHECK_ANSWER_BYTES = 64 * 1024  # a health answer is small; a bigger one is a failed check
 
 
 def remote_upstream(spec: ModelSpec) -> Upstream:
     host, port = parse_base_url(spec.remote_url, f"model [{spec.name}] url")
-    return Upstream(host, port, (*bearer(spec.api_key, f"model [{spec.name}] api-key"), (FORWARDED_HEADER, b"1")),
-                    spec.use_model_name or spec.served_name)
+    return Upstream(host, port, bearer(spec.api_key, f"model [{spec.name}] api-key"),
+                    spec.use_model_name or spec.served_name, another_router=True)
 
 
 async def check_remote_models(registry: Registry) -> None:
@@ -75,7 +76,7 @@ async def check_once(registry: Registry, record: ModelRecord) -> None:
             response = await registry.http.request("GET", upstream.host, upstream.port, spec.check_endpoint,
                                                    list(upstream.headers), read_timeout_s=CHECK_TIMEOUT_S)
             try:
-                await response.read()
+                await response.read(MAX_CHECK_ANSWER_BYTES)
             finally:
                 response.release()
         if response.status != 200:

@@ -27,7 +27,7 @@ from router.upstream import body_for, query_for, remote_may_serve
 log = logging.getLogger(__name__)
 
 
-def target_for(record: ModelRecord, target: str, requested: str | None, own_route: bool) -> str:
+def target_for(record: ModelRecord, target: str, requested: str | None, own_route: bool, multipart: bool) -> str:
     """Where the request goes on the record's upstream. `own_route`: llama-swap's
     `/upstream/<model>/<path>`, the model's own route `<path>` (on a peer, its own /upstream)."""
     upstream = record.upstream
@@ -35,6 +35,10 @@ def target_for(record: ModelRecord, target: str, requested: str | None, own_rout
         return target
     if record.spec.source == SOURCE_PEER and own_route:
         return f"/upstream/{quote(record.spec.peer_model, safe='')}{target}"
+    if multipart and upstream.model_name is not None and requested != upstream.model_name:
+        # A form's `model` field is not rewritten: the upstream would not know the name sent.
+        raise InvalidRequest(f"a multipart request is sent as it is, and its field 'model' says '{requested}', "
+                             f"which the server of '{record.name}' knows as '{upstream.model_name}'")
     if record.spec.source == SOURCE_REMOTE and (own_route or not remote_may_serve(target.partition("?")[0])):
         raise InvalidRequest(f"model '{record.name}' is a remote server's: only its inference routes are reached "
                              "through this router")
@@ -50,6 +54,7 @@ async def send_to_model(scope: Scope, receive: Receive, name: str | None, method
     request is a resumable stream, which outlives its client (see routes/openai.py)."""
     state = scope["app"].state
     registry = state.registry
+    multipart = any(k == b"content-type" and v.startswith(b"multipart/") for k, v in scope["headers"])
     tried: list[ModelRecord] = []
     while True:
         lease = await lease_for(scope, receive, name, exclude=tried, prefer=prefer,
@@ -57,7 +62,7 @@ async def send_to_model(scope: Scope, receive: Receive, name: str | None, method
         record = lease.record
         try:
             sent_body = body_for(record.upstream, body, name) if record.upstream is not None else body
-            sent_target = target_for(record, target, name, own_route)
+            sent_target = target_for(record, target, name, own_route, multipart)
         except BaseException:
             lease.release()
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from router.errors import InvalidRequest
 from router.model_record import ModelRecord
 from router.model_sources import SOURCE_PEER, ModelSpec
 from router.model_status import ModelStatus
@@ -24,6 +25,8 @@ def diff_sources(records: dict[str, ModelRecord], specs: list[ModelSpec]) -> Sou
     diff = SourceDiff()
     for name, record in records.items():
         spec = wanted.pop(name, None)
+        if spec is not None and record.spec.source == SOURCE_PEER:
+            raise InvalidRequest(f"model '{name}' is a peer's model: give the section another name")
         if spec is None:
             if record.status != ModelStatus.DOWNLOADING and record.spec.source != SOURCE_PEER:
                 diff.removed.append(record)

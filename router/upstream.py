@@ -13,15 +13,21 @@ JSON body's `model` is then rewritten on the way.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from router.errors import ConfigError
 
 LOCAL_HOST = "127.0.0.1"  # children listen on loopback only
-# Marks a request one router sends to another (a peer, a remote section): the router that
-# receives it serves it with its own models only, so no request goes round between routers.
-FORWARDED_HEADER = b"x-modelyard-forwarded"
+# The routers a request has passed through, each by its ROUTER_ID: `x-modelyard-via: id1,id2`.
+# A request that came from another router is not sent on to a peer (peers that peer each other
+# would bounce it); one that has seen this router already, or MAX_HOPS routers, is served by
+# local models only (a remote section that names a router that names it back).
+VIA_HEADER = b"x-modelyard-via"
+ROUTER_ID = secrets.token_hex(6)
+MAX_HOPS = 4
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class Upstream:
     port: int
     headers: tuple[tuple[bytes, bytes], ...] = ()  # added to every request (an API key)
     model_name: str | None = None  # the model's name there, when the client's may differ
+    another_router: bool = False  # may be a modelyard router: requests carry x-modelyard-via
 
     @property
     def address(self) -> str:
@@ -80,8 +87,26 @@ REMOTE_ROUTES = frozenset({
 })
 
 
+_STREAM_BY_ID = re.compile(r"/v1/stream/[A-Za-z0-9_.:-]+")
+
+
 def remote_may_serve(path: str) -> bool:
-    return path in REMOTE_ROUTES or path.startswith("/v1/stream/")
+    """One of REMOTE_ROUTES exactly, or a stream by its id; never a path with `..` or escapes,
+    which a server (or a proxy before it) might resolve to another route."""
+    if "%" in path or "/." in path:
+        return False
+    return path in REMOTE_ROUTES or _STREAM_BY_ID.fullmatch(path) is not None
+
+
+def via_of(headers: list[tuple[bytes, bytes]]) -> tuple[str, ...]:
+    """The routers a request passed through (its x-modelyard-via), as sent."""
+    value = next((v for k, v in headers if k == VIA_HEADER), b"")
+    return tuple(part.strip() for part in value.decode("latin-1").split(",") if part.strip())
+
+
+def via_for(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """x-modelyard-via for a request this router sends to another."""
+    return ",".join([*via_of(headers)[:MAX_HOPS], ROUTER_ID]).encode("latin-1")
 
 
 def query_for(upstream: Upstream, target: str, requested: str | None) -> str:

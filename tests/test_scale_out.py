@@ -184,6 +184,8 @@ class FakePeer(BaseHTTPRequestHandler):
     listing: bytes = json.dumps({"data": [{"id": "ghost", "status": {"value": "loaded"}}]}).encode()
     feed: bytes = b"data: {this is not json\n\n"
     hold_s = 0.0
+    later: tuple[float, bytes] | None = None  # (seconds, bytes) written to the feed after a while
+    control_answer = b'{"error": {"message": "no", "type": "server_error"}}'
     asked: Counter[str]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -201,10 +203,22 @@ class FakePeer(BaseHTTPRequestHandler):
         try:
             self.wfile.write(self.feed)
             self.wfile.flush()
+            if self.later is not None:
+                time.sleep(self.later[0])
+                self.wfile.write(self.later[1])
+                self.wfile.flush()
             time.sleep(self.hold_s)
         except OSError:
             pass
         self.close_connection = True
+
+    def do_POST(self) -> None:  # noqa: N802 - a load or unload forwarded to this 'peer'
+        self.asked[self.path] += 1
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(500)
+        self.send_header("content-length", str(len(self.control_answer)))
+        self.end_headers()
+        self.wfile.write(self.control_answer)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -226,6 +240,9 @@ def fake_peer() -> Iterator[Any]:
         url, asked, server = _serve_peer(**behaviour)
         servers.append(server)
         return url, asked
+
+    start.handler_of = lambda url: next(s.RequestHandlerClass for s in servers  # type: ignore[attr-defined]
+                                        if url.endswith(f":{s.server_address[1]}"))
 
     yield start
     for server in servers:
@@ -321,7 +338,7 @@ def test_two_routers_that_peer_each_other_neither_nest_names_nor_loop_requests(
             answer = router.client.post("/v1/chat/completions", json={"model": "tiny", **CHAT})
             assert answer.status_code == 200, answer.text
     forwarded = b.client.post("/v1/chat/completions", json={"model": "tiny@a", **CHAT},
-                              headers={"X-Modelyard-Forwarded": "1"})
+                              headers={"X-Modelyard-Via": "another-router"})
     assert forwarded.status_code == 400  # from a peer: b's own models only
 
 
@@ -537,3 +554,100 @@ async def test_a_static_peer_stays_when_a_host_name_stops_resolving_to_its_addre
     finally:
         await peers.stop()
         await http.close()
+
+
+# -- what the second review found ------------------------------------------------------------------
+
+@pytest.mark.anyio
+async def test_a_peer_whose_feed_goes_silent_is_marked_down(monkeypatch: pytest.MonkeyPatch, fake_peer: Any) -> None:
+    """A peer that hangs (SIGSTOP, a host that drops packets) sends nothing more: after the feed's
+    silence limit its models are unloaded, though the feed had been followed for a while."""
+    import asyncio
+
+    import router.peers
+    from router.events import EventHub
+    from router.peers import Peers
+    from router.registry import Registry
+    from router.settings import RouterSettings
+    from router.upstream_client import UpstreamClient
+
+    monkeypatch.setattr(router.peers, "FEED_SILENCE_S", 6.0)  # over STABLE_FEED_S, as 60 s is
+    url, _ = fake_peer(feed=b": ping\n\n", hold_s=60.0)
+    settings = RouterSettings(peers=(f"p={url}",))
+    http = UpstreamClient(connect_timeout_s=1.0, read_timeout_s=5.0)
+    registry = Registry(settings, [], EventHub(), http)
+    peers = Peers(registry, settings)
+    peers.start()
+    loop = asyncio.get_running_loop()
+    try:
+        deadline = loop.time() + 5
+        while "ghost@p" not in registry.records or registry.records["ghost@p"].status != "loaded":
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        deadline = loop.time() + 10
+        while registry.records["ghost@p"].unreachable is None:
+            assert loop.time() < deadline, "a silent peer stayed up"
+            await asyncio.sleep(0.1)
+        assert registry.records["ghost@p"].status == "unloaded" and not registry.records["ghost@p"].routable
+    finally:
+        await peers.stop()
+        await http.close()
+
+
+def test_a_front_reaches_a_nodes_remote_model_and_nothing_goes_round(start_router, tiny_model: Path) -> None:
+    server = start_router(tiny_preset(tiny_model, ["tiny"]))
+    node = start_router(f"version = 1\n[tiny@r]\nurl = {server.url}\ncheck-interval = 0.2\nuse-model-name = tiny\n")
+    front = start_router(None, "--peers", f"n={node.url}")
+    _wait_entry(front, "tiny@r@n", "loaded")
+    for name in ("tiny@r", "tiny@r@n"):
+        answer = front.client.post("/v1/chat/completions", json={"model": name, **CHAT})
+        assert answer.status_code == 200, answer.text
+    assert server.model_entry("tiny")["last_used"] is not None
+
+
+def test_a_remote_stream_route_with_dot_segments_is_refused() -> None:
+    from router.upstream import remote_may_serve
+
+    assert remote_may_serve("/v1/chat/completions") and remote_may_serve("/v1/stream/conv-1")
+    for path in ("/v1/stream/../../models/unload", "/v1/stream/%2e%2e/%2e%2e/admin", "/v1/stream/a/b",
+                 "/v1/stream/./x", "/models/unload", "/v1/files"):
+        assert not remote_may_serve(path), path
+
+
+def test_a_peers_list_change_is_taken_within_a_second_or_so(start_router, fake_peer: Any) -> None:
+    reload_event = b'data: {"model": "*", "event": "models_reload", "data": {}}\n\n'
+    url, _ = fake_peer(feed=b": ping\n\n", later=(0.5, reload_event), hold_s=30.0)
+    front = start_router(None, "--peers", f"p={url}")
+    _wait_entry(front, "ghost@p", "loaded")
+    fake_peer.handler_of(url).listing = json.dumps({"data": [{"id": "ghost", "status": {"value": "loaded"}},
+                                                             {"id": "new", "status": {"value": "loaded"}}]}).encode()
+    _wait_entry(front, "new@p", "loaded", timeout_s=5)  # not at the next ping, 15 s on
+
+
+def test_a_peers_answer_to_a_load_is_bounded(start_router, fake_peer: Any) -> None:
+    url, asked = fake_peer(feed=b": ping\n\n", hold_s=30.0, control_answer=b"x" * (8 * 1024 * 1024))
+    front = start_router(None, "--peers", f"p={url}")
+    _wait_entry(front, "ghost@p", "loaded")
+    answer = front.client.post("/models/load", json={"model": "ghost@p"})
+    assert answer.status_code == 502 and "over 65536 bytes" in answer.json()["error"]["message"]
+    assert asked["/models/load"] == 1
+
+
+def test_a_multipart_request_naming_a_model_its_server_knows_otherwise_is_refused(
+        start_router, tiny_model: Path) -> None:
+    node = start_router(tiny_preset(tiny_model, ["tiny"]))
+    front = start_router(f"version = 1\n[tiny@box]\nurl = {node.url}\ncheck-interval = 0.2\nuse-model-name = tiny\n")
+    _wait_entry(front, "tiny@box", "loaded")
+    answer = front.client.post("/v1/audio/transcriptions", data={"model": "tiny@box"},
+                               files={"file": ("a.wav", b"RIFF", "audio/wav")})
+    assert answer.status_code == 400 and "multipart" in answer.json()["error"]["message"]
+
+
+def test_a_reload_cannot_take_a_peers_model_name(start_router, fake_peer: Any, tiny_model: Path) -> None:
+    url, _ = fake_peer(feed=b": ping\n\n", hold_s=30.0)
+    front = start_router(tiny_preset(tiny_model, ["tiny"]), "--peers", f"p={url}")
+    _wait_entry(front, "ghost@p", "loaded")
+    front.preset_path.write_text(tiny_preset(tiny_model, ["tiny"]) + "[ghost@p]\nurl = http://127.0.0.1:9\n")
+    answer = front.client.get("/models", params={"reload": "1"})
+    assert answer.status_code == 400 and "peer's model" in answer.json()["error"]["message"]
+    assert _entries(front)["ghost@p"]["source"] == "peer"

@@ -14,7 +14,7 @@ from child.serving import cancelled_if_client_leaves
 from router.errors import InvalidRequest
 from router.model_record import ModelRecord
 from router.registry import Lease, Registry
-from router.upstream import FORWARDED_HEADER
+from router.upstream import via_of
 
 
 def registry_of(request: Request) -> Registry:
@@ -73,14 +73,14 @@ async def lease_for(scope: Scope, receive: Receive, name: str | None, autoload: 
     registry: Registry = scope["app"].state.registry
     if autoload is None:
         autoload = autoload_of(scope)
-    local_only = any(k == FORWARDED_HEADER for k, _ in scope["headers"])
+    via = via_of(scope["headers"])
     if on_chosen is not None:
-        prefer = registry.choose(name, exclude, prefer, local_only)
+        prefer = registry.choose(name, exclude, prefer, via)
         on_chosen(prefer)
-    lease = registry.acquire_now(name, autoload, exclude, prefer, local_only)
+    lease = registry.acquire_now(name, autoload, exclude, prefer, via)
     if lease is not None:  # the model serves and is open: no wait, nothing to watch
         return lease
     if outlives_client:
-        return await registry.acquire(name, autoload, exclude, prefer, local_only)
+        return await registry.acquire(name, autoload, exclude, prefer, via)
     async with cancelled_if_client_leaves(scope, receive):
-        return await registry.acquire(name, autoload, exclude, prefer, local_only)
+        return await registry.acquire(name, autoload, exclude, prefer, via)
