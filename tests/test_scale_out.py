@@ -224,9 +224,14 @@ class FakePeer(BaseHTTPRequestHandler):
         pass
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # the router hung up on an answer it would not read whole: expected here
+
+
 def _serve_peer(**behaviour: Any) -> tuple[str, Counter[str], ThreadingHTTPServer]:
     handler = type("Peer", (FakePeer,), {**behaviour, "asked": Counter()})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _QuietServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}", handler.asked, server
