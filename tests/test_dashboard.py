@@ -94,3 +94,27 @@ def test_dashboard_shows_hostile_model_names_as_text(start_router, tiny_model: P
             assert hostile in page.locator("#chatmodel").inner_text()
         finally:
             browser.close()
+
+
+def test_dashboard_shows_a_peers_models_with_their_source_and_a_peer_going(start_router, tiny_model: Path,
+                                                                         chromium: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    node = start_router(tiny_preset(tiny_model, ["tiny"]))
+    front = start_router(tiny_preset(tiny_model, ["local"]), "--peers", f"nodeA={node.url}")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(front.url + "/")
+            peer_row = page.locator('tr[data-model="tiny@nodeA"]')
+            expect(peer_row).to_contain_text("peer nodeA", timeout=15_000)
+            expect(page.locator('tr[data-model="local"]')).to_contain_text("preset")
+            expect(page.locator("#conn")).to_have_text("live", timeout=15_000)
+            node.client.post("/models/load", json={"model": "tiny"})
+            expect(peer_row.locator('[data-role="status"]')).to_have_text("loaded", timeout=30_000)
+            node.stop()  # the peer goes: its model turns unloaded, with the reason, live
+            expect(peer_row.locator('[data-role="status"]')).to_have_text("unloaded", timeout=15_000)
+            expect(peer_row).to_contain_text("peer nodeA unreachable", timeout=15_000)
+        finally:
+            browser.close()

@@ -656,3 +656,12 @@ def test_a_reload_cannot_take_a_peers_model_name(start_router, fake_peer: Any, t
     answer = front.client.get("/models", params={"reload": "1"})
     assert answer.status_code == 400 and "peer's model" in answer.json()["error"]["message"]
     assert _entries(front)["ghost@p"]["source"] == "peer"
+
+
+def test_running_lists_this_routers_own_processes_only(start_router, tiny_model: Path) -> None:
+    node = start_router(tiny_preset(tiny_model, ["tiny"], extra="load-on-startup = true\n"))
+    front = start_router(tiny_preset(tiny_model, ["local"], extra="load-on-startup = true\n"),
+                         "--peers", f"n={node.url}")
+    _wait_entry(front, "tiny@n", "loaded")
+    _wait_entry(front, "local", "loaded")
+    assert [r["model"] for r in front.client.get("/running").json()["running"]] == ["local"]

@@ -123,8 +123,8 @@ async def running_models(request: Request) -> dict[str, Any]:
     states = {ModelStatus.LOADED: "ready", ModelStatus.SLEEPING: "sleeping", ModelStatus.LOADING: "starting"}
     running = []
     for record in registry.records.values():
-        if record.status not in states:
-            continue
+        if record.status not in states or not record.is_local:
+            continue  # a peer's or a remote server's processes are not this router's
         ttl = ttl_of(registry, record)
         running.append({
             "model": record.name, "state": states[record.status],
