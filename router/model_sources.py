@@ -146,6 +146,13 @@ def parse_env(value: str, where: str) -> dict[str, str]:
     return variables
 
 
+def _check_endpoint(router_options: dict[str, str], where: str) -> str:
+    check_endpoint = router_options.get("check-endpoint", "/health")
+    if not check_endpoint.startswith("/"):
+        raise ConfigError(f"{where}: check-endpoint must be a path starting with /")
+    return check_endpoint
+
+
 def _count(router_options: dict[str, str], key: str, where: str) -> int:
     try:
         value = int(router_options.get(key, "0"))
@@ -174,12 +181,9 @@ def _make_spec(name: str, source: str, options: dict[str, str | bool], router_op
     foreign_bin = _command(router_options, "bin", where)
     if foreign_bin and foreign_cmd:
         raise ConfigError(f"{where}: model [{name}] has both bin and cmd; choose one")
-    check_endpoint = router_options.get("check-endpoint", "/health")
-    if not check_endpoint.startswith("/"):
-        raise ConfigError(f"{where}: check-endpoint must be a path starting with /")
     return ModelSpec(
         name=name, source=source, options=merged, foreign_bin=foreign_bin, foreign_cmd=foreign_cmd,
-        check_endpoint=check_endpoint,
+        check_endpoint=_check_endpoint(router_options, where),
         load_timeout_s=_seconds(router_options, "load-timeout", 600.0, where),
         pinned=parse_bool(router_options.get("pin", "false"), where),
         ttl_s=_seconds(router_options, "ttl", -1.0, where) if "ttl" in router_options else None,
@@ -211,14 +215,11 @@ def _remote_spec(name: str, options: dict[str, str | bool], router_options: dict
     stray = sorted({"cmd", "bin", "hf-repo", "hf-file"} & set(router_options) | {"model"} & set(options))
     if stray:
         raise ConfigError(f"{where}: model [{name}] has url: {', '.join(stray)} mean nothing for a remote model")
-    check_endpoint = router_options.get("check-endpoint", "/health")
-    if not check_endpoint.startswith("/"):
-        raise ConfigError(f"{where}: check-endpoint must be a path starting with /")
     interval = _seconds(router_options, "check-interval", 5.0, where)
     if interval <= 0:
         raise ConfigError(f"{where}: check-interval must be more than 0 seconds")
     return ModelSpec(
-        name=name, source=SOURCE_REMOTE, options=own, check_endpoint=check_endpoint,
+        name=name, source=SOURCE_REMOTE, options=own, check_endpoint=_check_endpoint(router_options, where),
         aliases=_split_list(own.get("alias")), tags=_split_list(own.get("tags")),
         concurrency_limit=_count(router_options, "concurrency-limit", where),
         unlisted=parse_bool(router_options.get("unlisted", "false"), where),

@@ -265,8 +265,8 @@ class Registry:
 
     def _claim(self, record: ModelRecord) -> Lease:
         """One more request on the model, within its `concurrency-limit` (llama-swap's 429)."""
-        limit = record.spec.concurrency_limit
-        if limit and record.limited_in_flight >= limit:
+        if self._at_limit(record):
+            limit = record.spec.concurrency_limit
             raise TooManyRequests(f"model '{record.name}' already has {limit} requests in flight "
                                   "(its concurrency-limit)", headers={"Retry-After": "1"})
         record.limited_in_flight += 1
