@@ -2,7 +2,7 @@
 
 A record is one upstream of a model: a local child (spawned, admitted, evicted), a remote server
 (`url =` in a preset) or a peer router's model (`name@peer`). Several records that serve the same
-name are that model's replicas (router/replicas.py picks one per request)."""
+name are that model's replicas (Registry.choose picks one per request)."""
 
 from __future__ import annotations
 

@@ -397,8 +397,7 @@ class PeerLink:
         if record is not None:
             record.peer_entry = kept
             if aliases != record.spec.aliases:
-                record.spec = dataclasses.replace(record.spec, aliases=aliases)
-                self.registry.records.version += 1  # the replica index takes the aliases anew
+                self.registry.respec(record, dataclasses.replace(record.spec, aliases=aliases))
             return record
         if len(self.records) >= MAX_MODELS:
             raise PeerFeedBroken(f"more than {MAX_MODELS} models")

@@ -511,7 +511,7 @@ class Registry:
         return record
 
     def finish_download(self, record: ModelRecord, spec: ModelSpec) -> None:
-        record.spec = spec
+        self.respec(record, spec)
         self.set_status(record, ModelStatus.UNLOADED, "(download finished)")
 
     def add_elsewhere(self, spec: ModelSpec) -> ModelRecord:
@@ -520,6 +520,12 @@ class Registry:
         self.records[spec.name] = record
         self.events.publish(spec.name, "status_change", {"status": str(record.status)})
         return record
+
+    def respec(self, record: ModelRecord, spec: ModelSpec) -> None:
+        """A record's new spec (a reload, a finished download, a peer's new aliases): its names and
+        aliases may have changed, so the replica index is built anew."""
+        record.spec = spec
+        self.records.version += 1
 
     def drop_elsewhere(self, record: ModelRecord) -> None:
         """A peer's model gone (from the peer, or the peer from the router's peers)."""
@@ -555,7 +561,7 @@ class Registry:
             if was_running:
                 await self._drain_and_stop(record)
             was_local = record.is_local
-            record.spec = spec
+            self.respec(record, spec)
             if was_local != record.is_local or not record.is_local:
                 # Served elsewhere now, or a remote model with another url or key: nothing goes to
                 # the old address; its next health check (at once) says where it stands.

@@ -665,3 +665,12 @@ def test_running_lists_this_routers_own_processes_only(start_router, tiny_model:
     _wait_entry(front, "tiny@n", "loaded")
     _wait_entry(front, "local", "loaded")
     assert [r["model"] for r in front.client.get("/running").json()["running"]] == ["local"]
+
+
+def test_a_reload_that_changes_aliases_changes_what_the_replica_index_routes(start_router, tiny_model: Path) -> None:
+    router = start_router(tiny_preset(tiny_model, ["tiny"], extra="alias = old-name\n"))
+    assert router.client.post("/v1/chat/completions", json={"model": "old-name", **CHAT}).status_code == 200
+    router.preset_path.write_text(tiny_preset(tiny_model, ["tiny"], extra="alias = new-name\n"))
+    assert router.client.get("/models", params={"reload": "1"}).status_code == 200
+    assert router.client.post("/v1/chat/completions", json={"model": "new-name", **CHAT}).status_code == 200
+    assert router.client.post("/v1/chat/completions", json={"model": "old-name", **CHAT}).status_code == 400
