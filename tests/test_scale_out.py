@@ -5,13 +5,15 @@ peers. Everything goes through real HTTP between real router processes."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,14 @@ from typing import Any
 import httpx
 import pytest
 
+from router import peers as peer_links
 from router.errors import ConfigError
+from router.events import EventHub
+from router.peers import Peers
 from router.presets import parse_preset_text
+from router.registry import Registry
+from router.settings import RouterSettings
+from router.upstream_client import UpstreamClient
 from tests.conftest import EventFeed, RouterProcess, tiny_preset
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
@@ -308,7 +316,6 @@ def test_a_peer_that_restarts_turns_its_models_unloaded_and_back(start_router, t
 
 def test_preset_remote_and_peer_keys_are_checked(tmp_path: Path) -> None:
     from router.model_sources import specs_from_preset
-    from router.settings import RouterSettings
 
     def specs(text: str) -> list[Any]:
         return specs_from_preset(parse_preset_text(text, tmp_path / "p.ini"), RouterSettings())
@@ -347,46 +354,53 @@ def test_two_routers_that_peer_each_other_neither_nest_names_nor_loop_requests(
     assert forwarded.status_code == 400  # from a peer: b's own models only
 
 
+# -- in-process peers, for what a real resolver or a long silence cannot show quickly -------------
+
+@contextlib.asynccontextmanager
+async def _peers_in_process(*given: str, resolve_s: float = 10.0) -> AsyncIterator[Peers]:
+    """A router's peer links, without the router: a real registry and real connections."""
+    settings = RouterSettings(peers=given, peers_resolve_s=resolve_s)
+    http = UpstreamClient(connect_timeout_s=0.5, read_timeout_s=5.0)
+    peers = Peers(Registry(settings, [], EventHub(), http), settings)
+    peers.start()
+    try:
+        yield peers
+    finally:
+        await peers.stop()
+        await http.close()
+
+
+def _scripted_resolver(monkeypatch: pytest.MonkeyPatch, answers: list[Any]) -> None:
+    """The event loop's getaddrinfo answers each lookup with the next of `answers` (addresses, or
+    an OSError to raise), then the last one again and again."""
+
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, OSError):
+            raise answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in answer]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+
+
+async def _until(predicate: Any, what: str, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.anyio
 async def test_a_peer_host_name_is_every_address_it_resolves_to_followed_as_it_changes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A headless Service's name: each address a peer, looked up again and again (here the
     resolver is scripted; the links themselves connect for real and find nobody there)."""
-    import asyncio
-
-    from router.events import EventHub
-    from router.peers import Peers
-    from router.registry import Registry
-    from router.settings import RouterSettings
-    from router.upstream_client import UpstreamClient
-
-    answers = [["10.9.0.1", "10.9.0.2"], ["10.9.0.2", "10.9.0.3"], OSError("no such host")]
-    asked = asyncio.Event()
-
-    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
-        answer = answers.pop(0) if len(answers) > 1 else answers[0]
-        asked.set()
-        if isinstance(answer, OSError):
-            raise answer
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in answer]
-
-    loop = asyncio.get_running_loop()
-    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
-    settings = RouterSettings(peers=("http://nodes.svc:8080",), peers_resolve_s=0.05, child_connect_timeout_s=0.2)
-    http = UpstreamClient(connect_timeout_s=0.2, read_timeout_s=1.0)
-    peers = Peers(Registry(settings, [], EventHub(), http), settings)
-    peers.start()
-    try:
+    _scripted_resolver(monkeypatch, [["10.9.0.1", "10.9.0.2"], ["10.9.0.2", "10.9.0.3"], OSError("no such host")])
+    async with _peers_in_process("http://nodes.svc:8080", resolve_s=0.05) as peers:
         for expected in ({"10.9.0.1:8080", "10.9.0.2:8080"}, {"10.9.0.2:8080", "10.9.0.3:8080"}):
-            deadline = loop.time() + 5
-            while set(peers.links) != expected:
-                assert loop.time() < deadline, set(peers.links)
-                await asyncio.sleep(0.01)
+            await _until(lambda expected=expected: set(peers.links) == expected, f"the peers {expected}")
         await asyncio.sleep(0.2)  # the name stops resolving: the peers it had stay
         assert set(peers.links) == {"10.9.0.2:8080", "10.9.0.3:8080"}
-    finally:
-        await peers.stop()
-        await http.close()
 
 
 def test_a_peer_given_by_host_name_is_found_by_resolving_it(start_router, tiny_model: Path) -> None:
@@ -531,34 +545,9 @@ def test_peers_and_remote_keys_that_cannot_work_stop_the_router(start_router, ti
 @pytest.mark.anyio
 async def test_a_static_peer_stays_when_a_host_name_stops_resolving_to_its_address(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import asyncio
-
-    from router.events import EventHub
-    from router.peers import Peers
-    from router.registry import Registry
-    from router.settings import RouterSettings
-    from router.upstream_client import UpstreamClient
-
-    answers = [["10.9.0.2"], ["10.9.0.5"]]
-
-    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
-        answer = answers.pop(0) if len(answers) > 1 else answers[0]
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in answer]
-
-    loop = asyncio.get_running_loop()
-    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
-    settings = RouterSettings(peers=("http://10.9.0.2:8080", "http://nodes.svc:8080"), peers_resolve_s=0.05)
-    http = UpstreamClient(connect_timeout_s=0.2, read_timeout_s=1.0)
-    peers = Peers(Registry(settings, [], EventHub(), http), settings)
-    peers.start()
-    try:
-        deadline = loop.time() + 5
-        while set(peers.links) != {"10.9.0.2:8080", "10.9.0.5:8080"}:
-            assert loop.time() < deadline, set(peers.links)
-            await asyncio.sleep(0.01)
-    finally:
-        await peers.stop()
-        await http.close()
+    _scripted_resolver(monkeypatch, [["10.9.0.2"], ["10.9.0.5"]])
+    async with _peers_in_process("http://10.9.0.2:8080", "http://nodes.svc:8080", resolve_s=0.05) as peers:
+        await _until(lambda: set(peers.links) == {"10.9.0.2:8080", "10.9.0.5:8080"}, "the static peer to stay")
 
 
 # -- what the second review found ------------------------------------------------------------------
@@ -567,37 +556,13 @@ async def test_a_static_peer_stays_when_a_host_name_stops_resolving_to_its_addre
 async def test_a_peer_whose_feed_goes_silent_is_marked_down(monkeypatch: pytest.MonkeyPatch, fake_peer: Any) -> None:
     """A peer that hangs (SIGSTOP, a host that drops packets) sends nothing more: after the feed's
     silence limit its models are unloaded, though the feed had been followed for a while."""
-    import asyncio
-
-    import router.peers
-    from router.events import EventHub
-    from router.peers import Peers
-    from router.registry import Registry
-    from router.settings import RouterSettings
-    from router.upstream_client import UpstreamClient
-
-    monkeypatch.setattr(router.peers, "FEED_SILENCE_S", 6.0)  # over STABLE_FEED_S, as 60 s is
+    monkeypatch.setattr(peer_links, "FEED_SILENCE_S", 6.0)  # over STABLE_FEED_S, as 60 s is
     url, _ = fake_peer(feed=b": ping\n\n", hold_s=60.0)
-    settings = RouterSettings(peers=(f"p={url}",))
-    http = UpstreamClient(connect_timeout_s=1.0, read_timeout_s=5.0)
-    registry = Registry(settings, [], EventHub(), http)
-    peers = Peers(registry, settings)
-    peers.start()
-    loop = asyncio.get_running_loop()
-    try:
-        deadline = loop.time() + 5
-        while "ghost@p" not in registry.records or registry.records["ghost@p"].status != "loaded":
-            assert loop.time() < deadline
-            await asyncio.sleep(0.05)
-        deadline = loop.time() + 10
-        while registry.records["ghost@p"].unreachable is None:
-            assert loop.time() < deadline, "a silent peer stayed up"
-            await asyncio.sleep(0.1)
-        assert registry.records["ghost@p"].status == "unloaded" and not registry.records["ghost@p"].routable
-    finally:
-        await peers.stop()
-        await http.close()
-
+    async with _peers_in_process(f"p={url}") as peers:
+        records = peers.registry.records
+        await _until(lambda: "ghost@p" in records and records["ghost@p"].status == "loaded", "the peer's model")
+        await _until(lambda: records["ghost@p"].unreachable is not None, "a silent peer to be marked down", 10.0)
+        assert records["ghost@p"].status == "unloaded" and not records["ghost@p"].routable
 
 def test_a_front_reaches_a_nodes_remote_model_and_nothing_goes_round(start_router, tiny_model: Path) -> None:
     server = start_router(tiny_preset(tiny_model, ["tiny"]))
