@@ -53,12 +53,8 @@ class StreamHolds:
         try:
             while (remaining := deadline - loop.time()) > 0:
                 await asyncio.sleep(min(POLL_INTERVAL_S, remaining))
-                try:
-                    async with asyncio.timeout(POLL_TIMEOUT_S):
-                        if not await self._still_generating(lease.record, body):
-                            return
-                except TimeoutError:
-                    return  # a child that does not answer a lookup in time is not held for
+                if not await self._still_generating(lease.record, body):
+                    return  # ended, or a child that does not answer a lookup in time
             log.warning("[%s] stream %s still runs after --timeout: the model is no longer held for it",
                         lease.record.name, conversation_id)
         finally:
@@ -70,13 +66,9 @@ class StreamHolds:
         if to is None or not record.status.can_serve:
             return False
         try:
-            upstream = await self.registry.http.request("POST", to.host, to.port, "/v1/streams/lookup",
-                                                        [(b"content-type", b"application/json")], body)
-            try:
-                data = await upstream.read()
-            finally:
-                upstream.release()
+            _, data = await self.registry.http.fetch("POST", to.host, to.port, "/v1/streams/lookup", POLL_TIMEOUT_S,
+                                                     [(b"content-type", b"application/json")], body)
             found = json.loads(data)
-        except (UpstreamError, ValueError):
+        except (UpstreamError, TimeoutError, ValueError):
             return False
         return isinstance(found, list) and any(isinstance(e, dict) and e.get("is_done") is False for e in found)

@@ -313,23 +313,15 @@ class PeerLink:
     async def _relist(self) -> None:
         """Take the peer's /models (bounded in time and size; a list as it was last is not read again)."""
         self._listed_at = time.monotonic()
-        async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            status, body = await self._get("/models")
+        to = self.upstream
+        status, body = await self.registry.http.fetch("GET", to.host, to.port, "/models", REQUEST_TIMEOUT_S,
+                                                      to.headers, limit=MAX_LIST_BYTES)
         if status != 200:
             raise PeerFeedBroken(f"/models answered {status}")
         digest = hashlib.sha256(body).digest()
         if digest != self._list_digest:
             self._take_list(body)
             self._list_digest = digest
-
-    async def _get(self, target: str) -> tuple[int, bytes]:
-        to = self.upstream
-        response = await self.registry.http.request("GET", to.host, to.port, target, list(to.headers),
-                                                    read_timeout_s=REQUEST_TIMEOUT_S)
-        try:
-            return response.status, await response.read(MAX_LIST_BYTES)
-        finally:
-            response.release()
 
     def _take_list(self, body: bytes) -> None:
         try:
@@ -435,20 +427,15 @@ class PeerLink:
         to = self.upstream
         body = json.dumps({"model": model}).encode()
         try:
-            async with asyncio.timeout(self.registry.settings.timeout_s):
-                response = await self.registry.http.request(
-                    "POST", to.host, to.port, f"/models/{action}",
-                    [(b"content-type", b"application/json"), *to.headers], body)
-                try:
-                    data = await response.read(MAX_CONTROL_ANSWER_BYTES)
-                finally:
-                    response.release()
+            status, data = await self.registry.http.fetch(
+                "POST", to.host, to.port, f"/models/{action}", self.registry.settings.timeout_s,
+                [(b"content-type", b"application/json"), *to.headers], body, MAX_CONTROL_ANSWER_BYTES)
         except (UpstreamError, TimeoutError) as exc:
             raise PeerAnswered(502, f"peer {self.name} did not answer the {action}: {exc}") from exc
-        if response.status != 200:
+        if status != 200:
             try:
                 error = json.loads(data)["error"]
                 message, kind = str(error["message"]), str(error.get("type", "server_error"))
             except (ValueError, KeyError, TypeError, RecursionError):
                 message, kind = data[:200].decode("utf-8", "replace"), "server_error"
-            raise PeerAnswered(response.status, f"peer {self.name}: {message}", kind)
+            raise PeerAnswered(status, f"peer {self.name}: {message}", kind)

@@ -72,15 +72,10 @@ async def check_once(registry: Registry, record: ModelRecord) -> None:
         registry.set_status(record, ModelStatus.LOADING, f"(checking {spec.remote_url})", elsewhere=True)
     problem = None
     try:
-        async with asyncio.timeout(CHECK_TIMEOUT_S):
-            response = await registry.http.request("GET", upstream.host, upstream.port, spec.check_endpoint,
-                                                   list(upstream.headers), read_timeout_s=CHECK_TIMEOUT_S)
-            try:
-                await response.read(MAX_CHECK_ANSWER_BYTES)
-            finally:
-                response.release()
-        if response.status != 200:
-            problem = f"{spec.remote_url}{spec.check_endpoint} answered {response.status}"
+        status, _ = await registry.http.fetch("GET", upstream.host, upstream.port, spec.check_endpoint,
+                                              CHECK_TIMEOUT_S, upstream.headers, limit=MAX_CHECK_ANSWER_BYTES)
+        if status != 200:
+            problem = f"{spec.remote_url}{spec.check_endpoint} answered {status}"
     except TimeoutError:
         problem = f"{spec.remote_url}{spec.check_endpoint} did not answer within {CHECK_TIMEOUT_S:g} s"
     except UpstreamError as exc:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import httptools
 
@@ -328,13 +328,15 @@ class UpstreamClient:
         pool[:] = [c for c in pool if not c.closed]
         pool.append(connection)
 
-    async def fetch(self, method: str, host: str, port: int, target: str,
-                    timeout_s: float) -> tuple[int, bytes]:
-        """A whole small answer (status, body) within `timeout_s`: for probes and scrapes."""
+    async def fetch(self, method: str, host: str, port: int, target: str, timeout_s: float,
+                    headers: Sequence[tuple[bytes, bytes]] = (), body: bytes = b"",
+                    limit: int | None = None) -> tuple[int, bytes]:
+        """A whole small answer (status, body) within `timeout_s` (TimeoutError beyond it), of at
+        most `limit` bytes: for probes, scrapes and the router's own calls to other servers."""
         async with asyncio.timeout(timeout_s):
-            response = await self.request(method, host, port, target, [], read_timeout_s=timeout_s)
+            response = await self.request(method, host, port, target, list(headers), body, read_timeout_s=timeout_s)
             try:
-                return response.status, await response.read()
+                return response.status, await response.read(limit)
             finally:
                 response.release()
 
